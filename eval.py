@@ -1,0 +1,16 @@
+"""Evaluate a checkpoint: ``python eval.py ckpt=PATH [data.root=DIR | data.test_dir=DIR]``."""
+
+import hydra
+from omegaconf import DictConfig
+
+from detector.cli import run
+from detector.tasks import evaluate
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    run(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

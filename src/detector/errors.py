@@ -1,0 +1,17 @@
+"""Errors a user can fix: the entry points print them as one line, without a traceback."""
+
+
+class DetectorError(Exception):
+    """Base class of errors caused by the user's input rather than by a bug."""
+
+
+class ConfigError(DetectorError):
+    """A setting is out of range or names something that does not exist."""
+
+
+class DataError(DetectorError):
+    """A data folder is missing, empty or laid out differently than expected."""
+
+
+class CheckpointError(DetectorError):
+    """A checkpoint is missing, unreadable, untrusted or of another model."""

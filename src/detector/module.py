@@ -1,0 +1,154 @@
+"""Training, validation and test logic around :class:`~detector.model.SEClassifier`.
+
+Only plain values are saved as hyper-parameters, so ``DetectorModule.load_from_checkpoint(path)``
+rebuilds the network without any config. The optimizer and scheduler factories are left out:
+they matter for training only, where the config provides them again.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryF1Score,
+    BinaryPrecision,
+    BinaryRecall,
+)
+
+from detector.errors import ConfigError
+from detector.model import SEClassifier
+
+
+def binary_metrics(prefix: str) -> MetricCollection:
+    return MetricCollection(
+        {
+            "acc": BinaryAccuracy(),
+            "precision": BinaryPrecision(),
+            "recall": BinaryRecall(),
+            "f1": BinaryF1Score(),
+            "auroc": BinaryAUROC(),
+        },
+        prefix=prefix,
+    )
+
+
+class DetectorModule(L.LightningModule):
+    """The network's one logit is for class index 1 (REAL in CIFAKE); metrics are reported for
+    ``positive_class`` (1 by default, as the seed reports REAL precision/recall)."""
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        pretrained: bool = False,
+        weights_file: str | None = None,
+        se_reduction: int = 16,
+        hidden_dim: int = 128,
+        dropout: float = 0.5,
+        image_size: int = 224,
+        class_names: Sequence[str] = ("FAKE", "REAL"),
+        positive_class: int = 1,
+        threshold: float = 0.5,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+        scheduler_interval: str = "epoch",
+    ) -> None:
+        super().__init__()
+        if positive_class not in (0, 1):
+            raise ConfigError(f"model.positive_class={positive_class} must be 0 or 1")
+        if not 0.0 < dropout < 1.0 and dropout != 0.0:
+            raise ConfigError(f"model.dropout={dropout} must be in [0, 1)")
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.hparams["class_names"] = list(class_names)
+        self.net = SEClassifier(
+            backbone, pretrained, weights_file, se_reduction, hidden_dim, dropout
+        )
+        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.train_metrics = binary_metrics("train/")
+        self.val_metrics = binary_metrics("val/")
+        self.test_metrics = binary_metrics("test/")
+        self.test_probs: list[torch.Tensor] = []
+        self.test_targets: list[torch.Tensor] = []
+
+    @property
+    def threshold(self) -> float:
+        return float(self.hparams.threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _positive(self, probs: torch.Tensor, targets: torch.Tensor):
+        """Scores and labels seen from the positive class."""
+        if self.hparams.positive_class == 1:
+            return probs, targets
+        return 1.0 - probs, 1 - targets
+
+    def _step(
+        self, batch, metrics: MetricCollection, stage: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        images, targets = batch
+        logits = self(images).float()
+        loss = self.loss_fn(logits, targets.float())
+        probs = torch.sigmoid(logits)
+        scores, labels = self._positive(probs, targets)
+        metrics.update(scores, labels)
+        # Logging the Metric objects lets Lightning compute, sync across ranks and reset them
+        # at the end of each epoch.
+        self.log_dict(metrics, on_step=False, on_epoch=True)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=len(targets),
+            prog_bar=stage == "val",
+        )
+        return loss, probs
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss, _ = self._step(batch, self.train_metrics, "train")
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        _, probs = self._step(batch, self.test_metrics, "test")
+        self.test_probs.append(probs.detach().cpu())
+        self.test_targets.append(batch[1].detach().cpu())
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, list | tuple) else batch
+        return torch.sigmoid(self(images).float())
+
+    def on_test_epoch_start(self) -> None:
+        self.test_probs.clear()
+        self.test_targets.clear()
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.Adam(self.parameters(), lr=1e-3)
+        else:
+            optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        kwargs = {}
+        if "total_steps" in inspect.signature(self.scheduler_factory).parameters and not getattr(
+            self.scheduler_factory, "keywords", {}
+        ).get("total_steps"):
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)  # one-cycle
+        scheduler = self.scheduler_factory(optimizer=optimizer, **kwargs)
+        interval = self.hparams.scheduler_interval
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": interval},
+        }
