@@ -69,8 +69,8 @@ def create_backbone(
             except Exception as e:
                 error = e
         raise ConfigError(
-            f"could not load pretrained weights for model.backbone={name!r} ({type(error).__name__}: "
-            f"{_first_line(error)}). Either put them in timm's cache "
+            f"could not load pretrained weights for model.backbone={name!r} "
+            f"({type(error).__name__}: {_first_line(error)}). Either put them in timm's cache "
             "(run once with network access) or pass model.weights_file=PATH "
             "(a .safetensors file or a PyTorch state dict), or train from scratch with "
             "model.pretrained=false."
@@ -104,7 +104,7 @@ def _hub_offline(offline: bool):
 
 
 class SEClassifier(nn.Module):
-    """Backbone -> SE -> global average pool -> Linear(C, hidden) -> ReLU -> Dropout -> Linear(hidden, 1).
+    """Backbone -> SE -> average pool -> Linear(C, hidden) -> ReLU -> Dropout -> Linear(hidden, 1).
 
     Input is an RGB batch, either uint8 in [0, 255] or float in [0, 1]; normalisation with the
     backbone's own mean/std happens here so that every caller (train, eval, predict, export)

@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from detector.errors import ConfigError
+from detector.model import SEClassifier, SqueezeExcitation
+from detector.module import DetectorModule
+
+
+def test_resnet50_se_parameter_count_matches_the_seed():
+    net = SEClassifier("resnet50")
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert 24.29e6 <= trainable <= 24.31e6
+    assert net.backbone.num_features == 2048
+    assert net.se.fc1.out_features == 2048 // 16
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_output_is_one_logit_per_image(size):
+    net = SEClassifier("test_resnet").eval()
+    out = net(torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8))
+    assert out.shape == (3,)
+    assert torch.isfinite(out).all()
+
+
+def test_uint8_and_unit_float_inputs_agree():
+    net = SEClassifier("test_resnet").eval()
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    torch.testing.assert_close(net(x), net(x.float() / 255), rtol=1e-5, atol=1e-5)
+
+
+def test_normalisation_uses_the_backbone_mean_and_std():
+    net = SEClassifier("resnet50")
+    torch.testing.assert_close(net.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    torch.testing.assert_close(net.std.flatten(), torch.tensor([0.229, 0.224, 0.225]))
+
+
+def test_se_gate_scales_each_channel_by_a_weight_in_0_1():
+    se = SqueezeExcitation(32, reduction=4)
+    x = torch.rand(2, 32, 5, 5) + 0.1
+    gate = se.gate(x)
+    assert gate.shape == (2, 32, 1, 1)
+    assert ((gate > 0) & (gate < 1)).all()
+    torch.testing.assert_close(se(x), x * gate)
+    # A gate that depends on the input: two different images get different channel weights.
+    assert not torch.allclose(gate[0], gate[1])
+
+
+def test_se_reduction_out_of_range_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.se_reduction=64"):
+        SqueezeExcitation(32, reduction=64)
+
+
+def test_unknown_backbone_names_the_setting():
+    with pytest.raises(ConfigError, match="model.backbone='resnet_does_not_exist'"):
+        SEClassifier("resnet_does_not_exist")
+
+
+def test_pretrained_without_network_or_file_fails_fast_naming_both_options(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("detector.model._hub_reachable", lambda *a, **k: False)
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        SEClassifier("test_resnet", pretrained=True)
+    assert time.monotonic() - start < 30
+    assert "model.weights_file=PATH" in str(info.value)
+    assert "cache" in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_weights_file_loads_a_backbone_state_dict(tmp_path, suffix):
+    source = SEClassifier("test_resnet")
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(source.backbone.state_dict(), path)
+    else:
+        torch.save(source.backbone.state_dict(), path)
+    loaded = SEClassifier("test_resnet", weights_file=str(path))
+    for key, value in source.backbone.state_dict().items():
+        torch.testing.assert_close(loaded.backbone.state_dict()[key], value)
+
+
+def test_missing_weights_file_names_it(tmp_path):
+    with pytest.raises(ConfigError, match="model.weights_file=.*nope.safetensors"):
+        SEClassifier("test_resnet", weights_file=str(tmp_path / "nope.safetensors"))
+
+
+def test_batchnorm_uses_running_stats_in_eval_mode():
+    module = DetectorModule(backbone="test_resnet", image_size=32).eval()
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    bn = next(m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    with torch.no_grad():
+        single = torch.stack([module(x[i : i + 1])[0] for i in range(4)])
+        batch = module(x)
+    # Eval mode: running stats untouched, and an image's score does not depend on its batch.
+    torch.testing.assert_close(bn.running_mean, before)
+    torch.testing.assert_close(single, batch, rtol=1e-4, atol=1e-4)
+
+
+def test_hyperparameters_rebuild_the_module_without_config(tmp_path):
+    import lightning as L
+
+    module = DetectorModule(backbone="test_resnet", se_reduction=8, dropout=0.3, image_size=48)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
+    trainer.strategy.connect(module)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = DetectorModule.load_from_checkpoint(path)
+    assert loaded.hparams.backbone == "test_resnet"
+    assert loaded.hparams.se_reduction == 8
+    assert loaded.hparams.image_size == 48
+    assert list(loaded.hparams.class_names) == ["FAKE", "REAL"]
