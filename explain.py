@@ -1,0 +1,16 @@
+"""Explain predictions: ``python explain.py ckpt=PATH input=PATH`` (see conf/explain.yaml)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from detector.cli import run
+from detector.explain import explain
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="explain")
+def main(cfg: DictConfig) -> None:
+    run(explain, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+"""Export a checkpoint: ``python export.py ckpt=PATH format=onnx|torchscript``."""
+
+import hydra
+from omegaconf import DictConfig
+
+from detector.cli import run
+from detector.export import export
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="export")
+def main(cfg: DictConfig) -> None:
+    run(export, cfg)
+
+
+if __name__ == "__main__":
+    main()

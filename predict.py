@@ -1,0 +1,16 @@
+"""Score images: ``python predict.py ckpt=PATH input=PATH`` (see conf/predict.yaml)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from detector.cli import run
+from detector.inference import predict
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    run(predict, cfg)
+
+
+if __name__ == "__main__":
+    main()

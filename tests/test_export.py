@@ -1,0 +1,101 @@
+"""export.py: ONNX and TorchScript files that score like PyTorch, with their contract beside."""
+
+import json
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from detector import Detector
+from detector.data import load_image
+from detector.errors import CheckpointError, ConfigError
+from detector.export import export
+from tests.conftest import compose_config, run_script
+
+
+def _eight_images(data) -> torch.Tensor:
+    """Four of each class, as eval decodes them: uint8 (8, 3, 32, 32)."""
+    paths = sorted((data / "test" / "FAKE").glob("*.jpg"))[:4]
+    paths += sorted((data / "test" / "REAL").glob("*.jpg"))[:4]
+    return torch.stack([load_image(str(p), 32) for p in paths])
+
+
+def _check_contract(info: dict, detector: Detector, fmt: str, file_name: str) -> None:
+    assert info["format"] == fmt and info["file"] == file_name
+    assert info["image_size"] == 32
+    assert info["class_names"] == ["FAKE", "REAL"]
+    assert info["threshold"] == pytest.approx(detector.threshold)
+    assert info["mean"] == pytest.approx(detector.net.mean.flatten().tolist())
+    assert info["std"] == pytest.approx(detector.net.std.flatten().tolist())
+    assert info["model_id"] == detector.model_id
+    assert info["input"]["shape"] == ["batch", 3, 32, 32]
+    assert info["check"]["max_abs_diff_probability"] <= 1e-4
+
+
+def test_onnx_matches_pytorch_on_eight_images(trained_run, tmp_path):
+    result = run_script(
+        "export.py", f"ckpt={trained_run['ckpt']}", "format=onnx", "output=out", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "out" / "model.onnx"
+    onnx.checker.check_model(str(path))
+    detector = Detector.from_checkpoint(trained_run["ckpt"])
+    _check_contract(
+        json.loads((tmp_path / "out" / "model.onnx.json").read_text()),
+        detector,
+        "onnx",
+        "model.onnx",
+    )
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == "batch"  # dynamic batch axis
+    images = _eight_images(trained_run["data"])
+    with torch.inference_mode():
+        logit = detector.net(images).numpy()
+    expected = detector.score(images).numpy()
+    got_logit, got_prob = session.run(
+        ["logit", "probability"], {"image": (images.float() / 255).numpy()}
+    )
+    assert got_prob.shape == (8,)
+    assert np.abs(got_prob - expected).max() <= 1e-4
+    assert np.abs(got_logit - logit).max() <= 1e-4
+    # Another batch size through the same file.
+    (one,) = session.run(["probability"], {"image": (images[5:8].float() / 255).numpy()})
+    assert np.abs(one - expected[5:8]).max() <= 1e-4
+
+
+def test_torchscript_matches_pytorch_at_any_batch_size(trained_run, tmp_path):
+    cfg = compose_config(
+        "export",
+        tmp_path,
+        [f"ckpt={trained_run['ckpt']}", "format=torchscript", f"output={tmp_path / 'm.pt'}"],
+    )
+    result = export(cfg)
+    assert result["output"] == str(tmp_path / "m.pt")
+    detector = Detector.from_checkpoint(trained_run["ckpt"])
+    _check_contract(
+        json.loads((tmp_path / "m.pt.json").read_text()), detector, "torchscript", "m.pt"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.load(str(tmp_path / "m.pt"))
+    images = _eight_images(trained_run["data"])
+    for batch in (images, images[:1], images[2:7]):
+        with torch.inference_mode():
+            logit, prob = scripted(batch.float() / 255)
+        assert prob.shape == (len(batch),)
+        ref = detector.score(batch)
+        assert (prob - ref).abs().max().item() <= 1e-4
+        assert (logit.sigmoid() - ref).abs().max().item() <= 1e-4
+
+
+def test_export_refuses_bad_settings(trained_run, tmp_path):
+    cfg = compose_config("export", tmp_path, [f"ckpt={trained_run['ckpt']}", "format=tflite"])
+    with pytest.raises(ConfigError, match="format=tflite"):
+        export(cfg)
+    cfg = compose_config("export", tmp_path, [f"ckpt={tmp_path / 'none.ckpt'}"])
+    with pytest.raises(CheckpointError, match="none.ckpt"):
+        export(cfg)
