@@ -1,0 +1,133 @@
+"""Image degradations: random ones for training (CNNDetection, Wang et al. 2020) and fixed ones
+for the robustness sweep of ``eval.py robustness=...``.
+
+Both act on the decoded PIL image before it is resized to the network's input size, where a
+re-shared or re-compressed picture would carry them, and both treat REAL and FAKE alike.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from detector.errors import ConfigError
+
+DEGRADATIONS = ("jpeg", "blur", "resize", "noise")
+
+
+def jpeg(img: Image.Image, quality: int) -> Image.Image:
+    """Re-encode as JPEG at ``quality`` (1-100) with Pillow's defaults (4:2:0 chroma)."""
+    buffer = io.BytesIO()
+    img.convert("RGB").save(buffer, format="JPEG", quality=int(quality))
+    buffer.seek(0)
+    with Image.open(buffer) as out:
+        return out.convert("RGB")
+
+
+def blur(img: Image.Image, sigma: float) -> Image.Image:
+    """Gaussian blur with standard deviation ``sigma`` pixels (Pillow's radius is the sigma)."""
+    return img.filter(ImageFilter.GaussianBlur(radius=float(sigma))) if sigma > 0 else img
+
+
+def resize(img: Image.Image, factor: float) -> Image.Image:
+    """Downscale by ``factor`` (bilinear, antialiased) and back up to the original size."""
+    w, h = img.size
+    small = img.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.BILINEAR)
+    return small.resize((w, h), Image.BILINEAR)
+
+
+def noise(img: Image.Image, sigma: float, seed: int | None = None) -> Image.Image:
+    """Additive Gaussian noise, ``sigma`` on the [0, 1] intensity scale, rounded back to 8 bits.
+
+    Without ``seed`` the noise is seeded by the image's own pixels, so the same image gets the
+    same noise in every run, worker and order.
+    """
+    pixels = np.asarray(img.convert("RGB"), dtype=np.float64)
+    if seed is None:
+        seed = zlib.crc32(pixels.astype(np.uint8).tobytes())
+    rng = np.random.default_rng(seed)
+    noisy = pixels + rng.normal(0.0, float(sigma) * 255.0, pixels.shape)
+    return Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8))
+
+
+def check_strength(kind: str, strength: float, where: str) -> None:
+    """Out-of-range strengths would fail, or mean nothing, deep inside Pillow."""
+    ok = {
+        "jpeg": lambda s: 1 <= s <= 100,
+        "blur": lambda s: s >= 0,
+        "resize": lambda s: 0 < s <= 1,
+        "noise": lambda s: s >= 0,
+    }
+    if kind not in ok:
+        raise ConfigError(
+            f"{where}: unknown degradation {kind!r} (known: {', '.join(DEGRADATIONS)})"
+        )
+    if not isinstance(strength, int | float) or not ok[kind](strength):
+        ranges = {
+            "jpeg": "a quality in [1, 100]",
+            "blur": "a sigma >= 0",
+            "resize": "a factor in (0, 1]",
+            "noise": "a sigma >= 0",
+        }
+        raise ConfigError(f"{where}={strength!r}: {kind} takes {ranges[kind]}")
+
+
+class Degradation:
+    """One fixed degradation, e.g. ``Degradation("jpeg", 75)``: a picklable PIL -> PIL callable
+    for :class:`~detector.data.ImageDataset`."""
+
+    def __init__(self, kind: str, strength: float) -> None:
+        check_strength(kind, strength, f"robustness.{kind}")
+        self.kind = kind
+        self.strength = strength
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return {"jpeg": jpeg, "blur": blur, "resize": resize, "noise": noise}[self.kind](
+            img, self.strength
+        )
+
+    def __repr__(self) -> str:
+        return f"Degradation({self.kind!r}, {self.strength!r})"
+
+
+class RandomBlurJPEG:
+    """Training augmentation of CNNDetection: with probability ``blur_prob`` a Gaussian blur of
+    sigma uniform in ``blur_sigma``, then with probability ``jpeg_prob`` a JPEG re-encoding of
+    quality uniform in ``jpeg_quality`` (integers, both ends included).
+
+    Draws come from torch's global generator, which Lightning seeds per dataloader worker.
+    """
+
+    def __init__(
+        self,
+        blur_prob: float = 0.0,
+        jpeg_prob: float = 0.0,
+        blur_sigma: tuple[float, float] = (0.0, 3.0),
+        jpeg_quality: tuple[int, int] = (30, 100),
+    ) -> None:
+        for name, p in (("data.blur_prob", blur_prob), ("data.jpeg_prob", jpeg_prob)):
+            if not 0.0 <= p <= 1.0:
+                raise ConfigError(f"{name}={p} must be a probability in [0, 1]")
+        self.blur_prob = float(blur_prob)
+        self.jpeg_prob = float(jpeg_prob)
+        self.blur_sigma = tuple(float(s) for s in blur_sigma)
+        self.jpeg_quality = tuple(int(q) for q in jpeg_quality)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if self.blur_prob and float(torch.rand(())) < self.blur_prob:
+            lo, hi = self.blur_sigma
+            img = blur(img, lo + (hi - lo) * float(torch.rand(())))
+        if self.jpeg_prob and float(torch.rand(())) < self.jpeg_prob:
+            lo, hi = self.jpeg_quality
+            img = jpeg(img, int(torch.randint(lo, hi + 1, ())))
+        return img
+
+    def __repr__(self) -> str:
+        return (
+            f"RandomBlurJPEG(blur_prob={self.blur_prob}, jpeg_prob={self.jpeg_prob}, "
+            f"blur_sigma={self.blur_sigma}, jpeg_quality={self.jpeg_quality})"
+        )
