@@ -1,0 +1,157 @@
+"""Several processes, one run: the run folder, ranks and gathers under DDP, torchrun and SLURM.
+
+Lightning's own launcher (``python train.py trainer.devices=N``) re-runs the script for ranks
+1..N-1 with rank 0's ``hydra.run.dir``, so they share its folder. torchrun and ``srun`` start
+every process themselves: each composes the config on its own, so the folder name must come from
+something all of them see, an id in the environment. Whatever the launcher, only global rank 0
+writes files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.types import RunMode
+from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.pytorch.accelerators import CPUAccelerator
+from omegaconf import OmegaConf
+
+from detector.errors import ConfigError
+
+RUN_ID_VARIABLE = "DETECTOR_RUN_ID"
+_RANK_VARIABLES = ("RANK", "SLURM_PROCID", "GROUP_RANK", "NODE_RANK", "LOCAL_RANK")
+
+
+def _slurm_tasks() -> int:
+    """Tasks of this srun step (1 outside SLURM or in an interactive allocation)."""
+    if os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return 1  # Lightning ignores SLURM then, and so do we
+    return int(os.environ.get("SLURM_NTASKS", "1"))
+
+
+def launcher_run_id() -> str | None:
+    """The id that every process of one multi-process launch sees, or None.
+
+    ``DETECTOR_RUN_ID`` when set; torchrun's ``--rdzv-id`` (``--standalone`` draws one; the
+    static default "none" is no id); under ``srun`` with several tasks the SLURM job and step, which
+    a requeued job keeps, so Lightning's auto-resume finds its checkpoint in the same folder.
+    """
+    if os.environ.get(RUN_ID_VARIABLE):
+        return os.environ[RUN_ID_VARIABLE]
+    elastic = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if elastic and elastic != "none":
+        return elastic
+    if _slurm_tasks() > 1 and os.environ.get("SLURM_JOB_ID"):
+        step = os.environ.get("SLURM_STEP_ID", os.environ.get("SLURM_STEPID"))
+        return f"slurm-{os.environ['SLURM_JOB_ID']}" + (f".{step}" if step else "")
+    return None
+
+
+def launcher_rank_is_zero() -> bool:
+    """Whether the launcher (torchrun, srun, Lightning) made this the first process; read from
+    the environment because the config is composed before any process group exists."""
+    return all(int(os.environ.get(v) or 0) == 0 for v in _RANK_VARIABLES)
+
+
+def _run_id(default: str) -> str:
+    return launcher_run_id() or default
+
+
+def _if_rank_zero(value: str) -> str | None:
+    return value if launcher_rank_is_zero() else None
+
+
+# conf/hydra/default.yaml: ${run_id:<time>_<pid>} names the run folder; ${if_rank_zero:.hydra}
+# keeps the saved config to the first process (Lightning's re-launched ranks already get null).
+if not OmegaConf.has_resolver("run_id"):
+    OmegaConf.register_new_resolver("run_id", _run_id)
+if not OmegaConf.has_resolver("if_rank_zero"):
+    OmegaConf.register_new_resolver("if_rank_zero", _if_rank_zero)
+# conf/paths/default.yaml: the folder the command was started from. Hydra's ${hydra:runtime.cwd}
+# is the same but unset while a multirun names its sweep folder; Lightning's re-launched ranks
+# start in the same folder (and get rank 0's run folder anyway).
+if not OmegaConf.has_resolver("cwd"):
+    OmegaConf.register_new_resolver("cwd", os.getcwd)
+
+
+def launch_rank(trainer: L.Trainer) -> int:
+    """This process's global rank, known before ``fit`` sets up the process group."""
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    if env is None or trainer.num_devices * trainer.num_nodes == 1:
+        return 0
+    if isinstance(env, LightningEnvironment):  # its global_rank() is only set inside fit
+        return env.node_rank() * trainer.num_devices + env.local_rank()
+    return env.global_rank()
+
+
+def check_launch(trainer: L.Trainer, hydra_cfg=None, sync_batchnorm: bool = False) -> None:
+    """Refuse launches that would fail late, hang or scatter one run over several folders.
+
+    ``hydra_cfg``: the HydraConfig of a command-line run (None when called from Python).
+    """
+    world = trainer.num_devices * trainer.num_nodes
+    if world == 1:
+        return
+    devices = f"trainer.devices={trainer.num_devices} x trainer.num_nodes={trainer.num_nodes}"
+    if sync_batchnorm and isinstance(trainer.accelerator, CPUAccelerator):
+        raise ConfigError(
+            f"trainer.sync_batchnorm=true with {devices} CPU processes: torch's SyncBatchNorm "
+            "runs on GPUs only; set trainer.sync_batchnorm=false on CPU"
+        )
+    if hydra_cfg is None:
+        return
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        raise ConfigError(
+            f"{devices}: several processes per job is not supported in a Hydra multirun (-m): "
+            "Lightning would re-run the whole sweep in every process. Sweep single-device runs "
+            "(trainer.devices=1), or start one DDP run per setting (e.g. a shell loop)"
+        )
+    explicit_dir = any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra)
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    started_outside = env is not None and env.creates_processes_externally
+    external = trainer.num_nodes > 1 or (
+        started_outside and not isinstance(env, LightningEnvironment)  # torchrun, srun, ...
+    )
+    if external and launcher_run_id() is None and not explicit_dir:
+        raise ConfigError(
+            f"{devices}: the processes start separately, so they need one shared run-folder "
+            f"name: pass the same --rdzv-id ID to torchrun on every node (scripts/torchrun.sh "
+            f"does), or set {RUN_ID_VARIABLE}=ID, or hydra.run.dir=DIR (the same on every node)"
+        )
+
+
+def keep_files_to_rank_zero(rank: int) -> None:
+    """Other ranks stop writing the run's log file. Under torchrun and SLURM every process opened
+    the shared ``train.log``; Lightning's re-launched ranks opened their own
+    ``train_ddp_process_<r>.log``, which is still empty here and removed."""
+    if rank == 0:
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+            path = Path(handler.baseFilename)
+            if "_ddp_process_" in path.name and path.is_file() and path.stat().st_size == 0:
+                path.unlink()
+
+
+def gather_rows(trainer: L.Trainer, rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``rows`` (uneven lengths allowed) concatenated in rank order, on the CPU.
+
+    With the contiguous shards of :class:`~detector.data.ShardSampler` this is dataset order.
+    """
+    if trainer.world_size == 1:
+        return rows.cpu()
+    strategy = trainer.strategy
+    device = strategy.root_device
+    length = torch.tensor([len(rows)], device=device)
+    lengths = strategy.all_gather(length).flatten().tolist()
+    padded = torch.zeros((max(lengths), *rows.shape[1:]), dtype=rows.dtype, device=device)
+    padded[: len(rows)] = rows.to(device)
+    gathered = strategy.all_gather(padded)  # (world, longest, ...)
+    return torch.cat([gathered[r, :n] for r, n in enumerate(lengths)]).cpu()
