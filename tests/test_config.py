@@ -14,8 +14,9 @@ from tests.conftest import CONF, compose_config
 GROUP_OPTIONS = sorted(
     (path.parent.name, path.stem)
     for path in CONF.glob("*/*.yaml")
-    if path.parent.name not in ("hydra", "paths")
+    if path.parent.name not in ("hydra", "paths", "robustness")
 )
+ENTRY_CONFIGS = sorted(path.stem for path in CONF.glob("*.yaml"))
 
 
 def _build(cfg, tmp_path):
@@ -44,6 +45,18 @@ def test_every_config_composes_and_instantiates(group, option, tmp_path, image_f
     assert isinstance(model, DetectorModule)
     assert isinstance(trainer, L.Trainer)
     assert model.hparams.image_size == cfg.data.image_size
+
+
+@pytest.mark.parametrize("name", ENTRY_CONFIGS)
+def test_every_entry_point_config_composes(name, tmp_path):
+    cfg = compose_config(name, tmp_path, ["+ckpt=x.ckpt"] if name == "train" else ["ckpt=x.ckpt"])
+    assert cfg.task_name == name
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "robustness").glob("*.yaml")))
+def test_robustness_options_compose_with_eval(option, tmp_path):
+    cfg = compose_config("eval", tmp_path, ["ckpt=x.ckpt", f"robustness={option}"])
+    assert cfg.robustness
 
 
 def test_eval_config_composes():
