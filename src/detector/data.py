@@ -7,21 +7,37 @@ host moves a quarter of the bytes of float32 and every caller shares one preproc
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms.v2 import functional as F
 
+from detector.augment import RandomBlurJPEG
 from detector.errors import ConfigError, DataError
+from detector.scan import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIZE,
+    IMAGE_EXTENSIONS,
+    ScanResult,
+    display,
+    is_ignored,
+    log_bad_files,
+    open_image,
+    scan_folder,
+    to_rgb,
+    walk_class_folder,
+    write_report,
+)
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+__all__ = ["IMAGE_EXTENSIONS", "find_classes", "list_images", "load_image", "pil_to_input"]
+# A loader tries this many following samples before it gives up on a run of unreadable files.
+MAX_SUBSTITUTES = 16
 
 
 def find_classes(folder: str | Path) -> list[str]:
@@ -29,26 +45,33 @@ def find_classes(folder: str | Path) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"data folder {folder} does not exist or is not a folder")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not is_ignored(p.name))
     if len(classes) != 2:
+        lower = [c.lower() for c in classes]
+        twins = [c for c in classes if lower.count(c.lower()) > 1]
+        if twins:
+            hint = f" ({' and '.join(twins)} differ only in case: merge them into one folder)"
+        elif len(classes) > 2:
+            hint = " (move the extra folders out)"
+        else:
+            hint = " (a class folder is missing)"
         raise DataError(
             f"{folder} must hold exactly two class folders (e.g. FAKE and REAL), found "
-            f"{len(classes)}: {classes}"
+            f"{len(classes)}: {classes}{hint}"
         )
     return classes
 
 
 def list_images(folder: str | Path, classes: Sequence[str]) -> list[tuple[str, int]]:
-    """(path, class index) for every image below each class folder, in a stable sorted order."""
+    """(path, class index) for every image below each class folder, in a stable sorted order.
+
+    Only lists by extension; :meth:`ImageFolderDataModule.setup` scans the files instead.
+    """
     samples: list[tuple[str, int]] = []
     for index, name in enumerate(classes):
         class_dir = Path(folder) / name
-        found = []
-        for dirpath, dirnames, filenames in os.walk(class_dir):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for f in filenames:
-                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
-                    found.append(os.path.join(dirpath, f))
+        files, _ = walk_class_folder(class_dir)
+        found = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
         if not found:
             raise DataError(
                 f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
@@ -66,30 +89,102 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def load_image(path: str, image_size: int) -> torch.Tensor:
-    """RGB uint8 tensor (3, S, S); bilinear resize only when the file is not already S x S."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.BILINEAR)
-        return F.pil_to_tensor(img)
+def load_image(path: str, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """RGB uint8 tensor (3, S, S); bilinear resize only when the file is not already S x S.
+
+    Images over ``max_pixels`` are refused from their header (DataError), before decoding.
+    """
+    with open_image(path, max_pixels) as img:
+        return pil_to_input(img, image_size)
+
+
+def pil_to_input(img: Image.Image, image_size: int) -> torch.Tensor:
+    """The one decoding step after opening a file, shared by training, eval and predict.
+
+    EXIF orientation is applied and every mode (16-bit, CMYK, palette, alpha) becomes 8-bit RGB
+    as a viewer shows it: see :func:`detector.scan.to_rgb`.
+    """
+    img = to_rgb(img)
+    if img.size != (image_size, image_size):
+        img = img.resize((image_size, image_size), Image.BILINEAR)
+    return F.pil_to_tensor(img)
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``rank`` of ``num_replicas`` reads one contiguous slice; slice sizes differ by at
+    most one. Unlike ``DistributedSampler`` nothing is padded or repeated, so validation and test
+    metrics count every image exactly once, and the ranks' outputs concatenated in rank order are
+    the dataset's order."""
+
+    def __init__(self, length: int, num_replicas: int, rank: int) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
+        base, extra = divmod(length, num_replicas)
+        self.start = rank * base + min(rank, extra)
+        self.stop = self.start + base + (1 if rank < extra else 0)
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start
 
 
 class ImageDataset(Dataset):
-    def __init__(self, samples: Sequence[tuple[str, int]], image_size: int, hflip: bool = False):
+    """``transform`` (PIL -> PIL, e.g. :mod:`detector.augment`) acts on the decoded image before
+    the resize to ``image_size``, where real-world blur and re-compression happen."""
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        image_size: int,
+        hflip: bool = False,
+        transform: Callable[[Image.Image], Image.Image] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
         self.samples = list(samples)
         self.image_size = image_size
         self.hflip = hflip
+        self.transform = transform
+        self.max_pixels = max_pixels
+        self._failed: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _read(self, path: str) -> torch.Tensor:
+        if self.transform is None:
+            return load_image(path, self.image_size, self.max_pixels)
+        with open_image(path, self.max_pixels) as img:
+            return pil_to_input(self.transform(to_rgb(img)), self.image_size)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path, label = self.samples[i]
-        image = load_image(path, self.image_size)
-        if self.hflip and torch.rand(()) < 0.5:
-            image = image.flip(-1)
-        return image, label
+        # A file that went bad after the scan (deleted, replaced, truncated by a copy) is
+        # skipped with a warning and the next sample takes its place: the run goes on.
+        last_error = None
+        for k in range(min(MAX_SUBSTITUTES, len(self.samples))):
+            path, label = self.samples[(i + k) % len(self.samples)]
+            try:
+                image = self._read(path)
+            except Exception as e:  # any decoder failure is the file's problem
+                last_error = e
+                if path not in self._failed:
+                    self._failed.add(path)
+                    log.warning(
+                        "skipping %s: it changed after the scan and cannot be read now (%s: %s)",
+                        display(path),
+                        type(e).__name__,
+                        str(e).strip().splitlines()[0] if str(e).strip() else "no details",
+                    )
+                continue
+            if self.hflip and torch.rand(()) < 0.5:
+                image = image.flip(-1)
+            return image, label
+        raise DataError(
+            f"{min(MAX_SUBSTITUTES, len(self.samples))} files in a row from "
+            f"{display(self.samples[i][0])} on cannot be read (last: {last_error}); "
+            "did the data folder move or get deleted?"
+        )
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -111,8 +206,17 @@ class ImageFolderDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         hflip: bool = True,
+        blur_prob: float = 0.0,
+        jpeg_prob: float = 0.0,
+        strict: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        min_size: int = DEFAULT_MIN_SIZE,
+        scan_workers: int | None = None,
     ) -> None:
         super().__init__()
+        for name, value in (("max_pixels", max_pixels), ("min_size", min_size)):
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"data.{name}={value} must be a positive integer")
         for name, value in (("image_size", image_size), ("batch_size", batch_size)):
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"data.{name}={value} must be a positive integer")
@@ -129,8 +233,19 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.hflip = hflip
+        # CNNDetection's blur + JPEG augmentation, for training images only.
+        augment = RandomBlurJPEG(blur_prob, jpeg_prob)
+        self.train_transform = augment if blur_prob or jpeg_prob else None
         self.classes: list[str] | None = None
         self.train_set = self.val_set = self.test_set = None
+        self.strict = strict
+        self.max_pixels = max_pixels
+        self.min_size = min_size
+        self.scan_workers = scan_workers
+        # Where bad_files.json goes: this, else the attached trainer's run folder.
+        self.report_dir: Path | None = None
+        self.scans: dict[str, ScanResult] = {}
+        self._prepared: dict[Path, ScanResult] = {}  # prepare_data's scans, for this process
 
     @property
     def test_dir(self) -> Path | None:
@@ -146,8 +261,10 @@ class ImageFolderDataModule(L.LightningDataModule):
     def has_test(self) -> bool:
         return self.test_dir is not None
 
-    def per_device_batch_size(self) -> int:
-        world = self.trainer.world_size if self.trainer is not None else 1
+    def per_device_batch_size(self, world: int | None = None) -> int:
+        """``world``: the number of processes (default: the attached trainer's)."""
+        if world is None:
+            world = self.trainer.world_size if self.trainer is not None else 1
         if self.batch_size % world:
             raise ConfigError(
                 f"data.batch_size={self.batch_size} is the global batch and must be divisible by "
@@ -155,62 +272,213 @@ class ImageFolderDataModule(L.LightningDataModule):
             )
         return self.batch_size // world
 
-    def setup(self, stage: str | None = None) -> None:
-        if stage in ("fit", "validate", None) and self.train_set is None:
+    # A subclass that makes ``root`` in prepare_data (the demo) cannot be checked before it.
+    makes_root = False
+
+    def check_layout(self, stage: str | None = None) -> list[str]:
+        """Folder mistakes, each named, before any image is opened: a missing root, train/ or
+        test/, a missing or third class folder, classes that differ between train and test (also
+        only in case). ``stage="test"`` checks the test folder alone (eval needs no train/).
+        Returns the class names."""
+        if self.makes_root and self.root is not None and not self.root.exists():
+            return []
+        if self.root is not None and not self.root.is_dir():
+            raise DataError(f"data.root={self.root} does not exist or is not a folder")
+        classes = None
+        if stage != "test":
             if self.train_dir is None:
                 raise ConfigError("set data.root (holding train/ and test/) or data.train_dir")
+            if not self.train_dir.is_dir():
+                what = "data.train_dir=" if self.root is None else "no train folder "
+                raise DataError(
+                    f"{what}{self.train_dir} does not exist: the data must be laid out as "
+                    "train/<CLASS>/*.jpg (and optionally test/<CLASS>/*.jpg) under data.root"
+                )
+            classes = find_classes(self.train_dir)
+        if self._test_dir is not None and not self._test_dir.is_dir():
+            raise DataError(f"data.test_dir={self._test_dir} does not exist or is not a folder")
+        if stage in ("test", None) and self.test_dir is not None:
+            test_classes = find_classes(self.test_dir)
+            reference = classes or self.classes
+            if reference and test_classes != reference:
+                lower = sorted(c.lower() for c in reference)
+                if sorted(c.lower() for c in test_classes) == lower:
+                    raise DataError(
+                        f"class folders differ only in case: test folder {self.test_dir} has "
+                        f"{test_classes} but train folder {self.train_dir} has {reference}; "
+                        "rename them to match exactly (folder names are the labels)"
+                    )
+                raise DataError(
+                    f"test folder {self.test_dir} has classes {test_classes} but train folder "
+                    f"{self.train_dir} has {reference}: they must be the same"
+                )
+            classes = classes or test_classes
+        return classes or []
+
+    def _is_global_zero(self) -> bool:
+        if self.trainer is not None:
+            return bool(self.trainer.is_global_zero)
+        from lightning.pytorch.utilities import rank_zero_only
+
+        return getattr(rank_zero_only, "rank", 0) == 0
+
+    def _scan(self, split: str, folder: Path, classes: list[str]) -> ScanResult:
+        """Scan ``folder``, log and report its bad files, and refuse them under data.strict."""
+        result = self._prepared.pop(folder, None) or scan_folder(
+            folder, classes, self.max_pixels, self.min_size, workers=self.scan_workers
+        )
+        self.scans[split] = result
+        report = None
+        out = self.report_dir or (
+            Path(self.trainer.default_root_dir) if self.trainer is not None else None
+        )
+        if self._is_global_zero():
+            log.info(
+                "%s: %d files, %d bad (%d checked, %d from the scan cache, %.1f s)",
+                display(folder),
+                result.total,
+                len(result.bad),
+                result.checked,
+                result.cached,
+                result.seconds,
+            )
+            if out is not None and any(r.bad for r in self.scans.values()):
+                report = write_report(list(self.scans.values()), Path(out) / "bad_files.json")
+            log_bad_files(result, report)
+        if result.bad and self.strict:
+            first = result.bad[0]
+            where = f"; all listed in {display(report)}" if report else ""
+            raise DataError(
+                f"data.strict=true and {len(result.bad)} bad file(s) in {display(folder)}, e.g. "
+                f"{display(first.path)}: {first.reason}{where}. Remove or fix them, or set "
+                "data.strict=false to skip them"
+            )
+        for name in classes:
+            if not result.good.get(name):
+                bad = sum(1 for b in result.bad if Path(b.path).is_relative_to(folder / name))
+                raise DataError(
+                    f"class folder {display(folder / name)} has no usable images"
+                    + (f": all {bad} files are bad" if bad else "")
+                    + f" (readable: {', '.join(IMAGE_EXTENSIONS)})"
+                )
+        return result
+
+    def prepare_data(self) -> None:
+        """Warm the scan cache once per node, so that every rank's ``setup`` only reads it.
+        (Nothing to do without a trainer: ``setup`` alone scans what it needs.)"""
+        if self.trainer is None:
+            return
+        for folder in (self.train_dir, self.test_dir):
+            if folder is not None and folder.is_dir():
+                classes = find_classes(folder)
+                self._prepared[folder] = scan_folder(
+                    folder, classes, self.max_pixels, self.min_size, workers=self.scan_workers
+                )
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in ("fit", "validate", None) and self.train_set is None:
+            self.check_layout(stage)
             self.classes = find_classes(self.train_dir)
-            samples = list_images(self.train_dir, self.classes)
+            result = self._scan("train", self.train_dir, self.classes)
+            samples = [(p, i) for i, name in enumerate(self.classes) for p in result.good[name]]
             train_idx, val_idx = split_indices(len(samples), self.val_fraction, self.seed)
             self.train_set = ImageDataset(
-                [samples[i] for i in train_idx], self.image_size, self.hflip
+                [samples[i] for i in train_idx],
+                self.image_size,
+                self.hflip,
+                self.train_transform,
+                max_pixels=self.max_pixels,
             )
-            self.val_set = ImageDataset([samples[i] for i in val_idx], self.image_size)
+            self.val_set = ImageDataset(
+                [samples[i] for i in val_idx], self.image_size, max_pixels=self.max_pixels
+            )
         if stage in ("test", None) and self.test_set is None and self.test_dir is not None:
+            self.check_layout("test")
             classes = find_classes(self.test_dir)
-            if self.classes is not None and classes != self.classes:
-                raise DataError(
-                    f"test folder {self.test_dir} has classes {classes} but train folder "
-                    f"{self.train_dir} has {self.classes}: they must be the same"
-                )
             self.classes = classes
-            self.test_set = ImageDataset(list_images(self.test_dir, classes), self.image_size)
+            result = self._scan("test", self.test_dir, classes)
+            samples = [(p, i) for i, name in enumerate(classes) for p in result.good[name]]
+            self.test_set = ImageDataset(samples, self.image_size, max_pixels=self.max_pixels)
+
+    def _world(self) -> tuple[int, int]:
+        """(number of ranks, this rank): the loaders shard the data themselves (the trainer runs
+        with ``use_distributed_sampler=False``), so that val/test are not padded."""
+        if self.trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
 
     def _loader(
-        self, dataset: Dataset, shuffle: bool = False, drop_last: bool = False
+        self,
+        dataset: Dataset,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        sampler: Sampler | None = None,
     ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.per_device_batch_size(),
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,
         )
 
+    def _eval_loader(self, dataset: Dataset, what: str) -> DataLoader:
+        world, rank = self._world()
+        if world == 1:
+            return self._loader(dataset)
+        if 0 < len(dataset) < world:
+            # A rank without a batch would skip the end-of-epoch metric sync and hang the others.
+            raise DataError(
+                f"{what} holds {len(dataset)} images but the run has {world} processes "
+                "(trainer.devices x trainer.num_nodes): each needs at least one image"
+            )
+        return self._loader(dataset, sampler=ShardSampler(len(dataset), world, rank))
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(
-            self.train_set, shuffle=True, drop_last=len(self.train_set) > self.batch_size
+        # The last incomplete global batch is dropped, as on one device.
+        drop_last = len(self.train_set) > self.batch_size
+        world, rank = self._world()
+        if world == 1:
+            return self._loader(self.train_set, shuffle=True, drop_last=drop_last)
+        # Equal shard sizes on every rank (padded when not dropping) keep DDP's gradient syncs
+        # in step; Lightning calls set_epoch so every epoch is shuffled anew.
+        sampler = DistributedSampler(
+            self.train_set, world, rank, shuffle=True, seed=self.seed, drop_last=drop_last
         )
+        return self._loader(self.train_set, drop_last=drop_last, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set)
+        return self._eval_loader(
+            self.val_set, f"the validation split of {self.train_dir} (data.val_fraction)"
+        )
 
     def test_dataloader(self) -> DataLoader:
         if self.test_set is None:
             raise DataError("no test folder: set data.root (with a test/ folder) or data.test_dir")
-        return self._loader(self.test_set)
+        return self._eval_loader(self.test_set, f"test folder {self.test_dir}")
 
 
 class DemoDataModule(ImageFolderDataModule):
-    """The embedded demo set: made into ``root`` on first use (once per node, by local rank 0)."""
+    """The embedded demo set: made into ``root`` on first use (once per node, by local rank 0).
+
+    ``python train.py data.root=DIR`` keeps the demo group but points at a user's folder: a
+    folder that already holds ``train/`` and was not made by the generator is used as it is.
+    """
 
     def __init__(self, root: str, demo_seed: int = 0, **kwargs) -> None:
         super().__init__(root=root, **kwargs)
         self.demo_seed = demo_seed
 
-    def prepare_data(self) -> None:
-        from detector.demo import ensure_demo
+    makes_root = True
 
-        ensure_demo(self.root, seed=self.demo_seed)
+    def prepare_data(self) -> None:
+        from detector.demo import STAMP_NAME, ensure_demo
+
+        if (self.root / "train").is_dir() and not (self.root / STAMP_NAME).exists():
+            log.info("%s is not a demo folder: using it as it is", self.root)
+        else:
+            ensure_demo(self.root, seed=self.demo_seed)
+        super().prepare_data()

@@ -12,8 +12,9 @@ from collections.abc import Callable, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryAUROC,
@@ -23,6 +24,8 @@ from torchmetrics.classification import (
 )
 
 from detector.errors import ConfigError
+from detector.launch import gather_rows
+from detector.metrics import THRESHOLD_RULES, fit_threshold
 from detector.model import SEClassifier
 
 
@@ -41,7 +44,13 @@ def binary_metrics(prefix: str) -> MetricCollection:
 
 class DetectorModule(L.LightningModule):
     """The network's one logit is for class index 1 (REAL in CIFAKE); metrics are reported for
-    ``positive_class`` (1 by default, as the seed reports REAL precision/recall)."""
+    ``positive_class`` (1 by default, as the seed reports REAL precision/recall).
+
+    ``threshold`` on P(class 1) decides the class. Unless ``threshold_rule`` is ``fixed``, every
+    validation pass during ``fit`` refits it on the validation split with that rule (maximum
+    balanced accuracy, or the best TPR at FPR <= ``target_fpr``), so each checkpoint carries the
+    threshold that suits its own weights; the test set never takes part.
+    """
 
     def __init__(
         self,
@@ -55,6 +64,8 @@ class DetectorModule(L.LightningModule):
         class_names: Sequence[str] = ("FAKE", "REAL"),
         positive_class: int = 1,
         threshold: float = 0.5,
+        threshold_rule: str = "balanced_accuracy",
+        target_fpr: float = 0.05,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         scheduler_interval: str = "epoch",
@@ -64,6 +75,15 @@ class DetectorModule(L.LightningModule):
             raise ConfigError(f"model.positive_class={positive_class} must be 0 or 1")
         if not 0.0 < dropout < 1.0 and dropout != 0.0:
             raise ConfigError(f"model.dropout={dropout} must be in [0, 1)")
+        if not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"model.threshold={threshold} must be in [0, 1]")
+        if threshold_rule not in THRESHOLD_RULES:
+            raise ConfigError(
+                f"model.threshold_rule={threshold_rule!r} must be one of "
+                f"{', '.join(THRESHOLD_RULES)}"
+            )
+        if not 0.0 <= target_fpr < 1.0:
+            raise ConfigError(f"model.target_fpr={target_fpr} must be in [0, 1)")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.hparams["class_names"] = list(class_names)
         self.net = SEClassifier(
@@ -75,8 +95,18 @@ class DetectorModule(L.LightningModule):
         self.train_metrics = binary_metrics("train/")
         self.val_metrics = binary_metrics("val/")
         self.test_metrics = binary_metrics("test/")
+        # Epoch losses weighted by images. A Metric syncs exact sums over DDP ranks, where
+        # self.log(sync_dist=True) floors the mean image count when ranks saw different numbers
+        # of images, as val/test shards do (Lightning issue #21859, 2.6.x).
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
         self.test_probs: list[torch.Tensor] = []
         self.test_targets: list[torch.Tensor] = []
+        self.val_probs: list[torch.Tensor] = []
+        self.val_targets: list[torch.Tensor] = []
+        # How the current threshold was obtained (None: as configured); saved in checkpoints.
+        self.threshold_fit: dict | None = None
 
     @property
     def threshold(self) -> float:
@@ -103,15 +133,9 @@ class DetectorModule(L.LightningModule):
         # Logging the Metric objects lets Lightning compute, sync across ranks and reset them
         # at the end of each epoch.
         self.log_dict(metrics, on_step=False, on_epoch=True)
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=False,
-            on_epoch=True,
-            sync_dist=True,
-            batch_size=len(targets),
-            prog_bar=stage == "val",
-        )
+        mean_loss: MeanMetric = getattr(self, f"{stage}_loss")
+        mean_loss.update(loss.detach(), weight=len(targets))
+        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=stage == "val")
         return loss, probs
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -119,7 +143,55 @@ class DetectorModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, self.val_metrics, "val")
+        _, probs = self._step(batch, self.val_metrics, "val")
+        self.val_probs.append(probs.detach().cpu())
+        self.val_targets.append(batch[1].detach().cpu())
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_probs.clear()
+        self.val_targets.clear()
+
+    def on_validation_epoch_end(self) -> None:
+        """Refit the threshold on this pass's validation predictions (before ModelCheckpoint
+        saves, in ``on_validation_end``, so the checkpoint of these weights holds it)."""
+        trainer = self.trainer
+        if (
+            self.hparams.threshold_rule == "fixed"
+            or trainer.sanity_checking
+            or trainer.state.fn != "fit"
+            or not self.val_probs
+        ):
+            return
+        probs = gather_rows(trainer, torch.cat(self.val_probs))
+        targets = gather_rows(trainer, torch.cat(self.val_targets))
+        try:
+            threshold, info = fit_threshold(
+                probs,
+                targets,
+                self.hparams.threshold_rule,
+                self.hparams.positive_class,
+                self.hparams.target_fpr,
+            )
+        except ValueError as e:  # e.g. a validation split with one class only
+            rank_zero_warn(
+                f"threshold not fitted on validation ({e}): keeping {self.threshold:.4f}"
+            )
+            return
+        self.hparams.threshold = threshold
+        self.threshold_fit = {**info, "split": "val", "epoch": int(self.current_epoch)}
+        # The same value on every rank (all fitted on the gathered predictions).
+        self.log("val/threshold", threshold, on_epoch=True, sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["threshold_fit"] = self.threshold_fit
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """``trainer.test(ckpt_path=...)`` restores weights but not hyper-parameters: take the
+        checkpoint's threshold too, so testing the best checkpoint uses the best one's."""
+        threshold = (checkpoint.get("hyper_parameters") or {}).get("threshold")
+        if threshold is not None:
+            self.hparams.threshold = float(threshold)
+        self.threshold_fit = checkpoint.get("threshold_fit")
 
     def test_step(self, batch, batch_idx: int) -> None:
         _, probs = self._step(batch, self.test_metrics, "test")
@@ -133,6 +205,13 @@ class DetectorModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.test_probs.clear()
         self.test_targets.clear()
+        # The logged test metrics decide at the model's threshold, as the report does.
+        positive_threshold = (
+            self.threshold if self.hparams.positive_class == 1 else 1 - self.threshold
+        )
+        for metric in self.test_metrics.values():
+            if hasattr(metric, "threshold"):
+                metric.threshold = positive_threshold
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:

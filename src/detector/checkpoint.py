@@ -1,0 +1,357 @@
+"""Checkpoints that survive crashes and cannot run code: safe loading, atomic saving, resuming.
+
+* Loading: every checkpoint is read with ``torch.load(weights_only=True)``, so a crafted file
+  cannot execute code while it is unpickled. A Lightning checkpoint of this detector needs no
+  extra safe globals (tensors, dicts, lists, strings and numbers only); :data:`SAFE_GLOBALS` is
+  where one would be added.
+* Saving: :class:`AtomicCheckpointIO` writes to a temporary file beside the target and renames
+  it, so a crash or a full disk mid-save leaves the previous ``last.ckpt`` whole.
+* Resuming: ``ckpt_path=last`` finds the newest ``last.ckpt`` of earlier runs of the same task,
+  and :class:`ResumeRandomState` carries the random generators across, so that a resumed run
+  ends where an uninterrupted one would.
+* :class:`FiniteLossGuard` stops a run at the first non-finite loss, before it reaches the
+  weights, so the checkpoints on disk stay the last good ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import pickle
+import random
+import re
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from detector.errors import CheckpointError, DetectorError
+from detector.scan import FILE_MODE
+
+log = logging.getLogger(__name__)
+
+# Globals beyond torch's weights-only defaults that our checkpoints need: none (measured on the
+# checkpoints train.py writes, with the ModelCheckpoint, History and ResumeRandomState states,
+# Adam and the torch LR schedulers).
+SAFE_GLOBALS: tuple = ()
+LIGHTNING_KEYS = ("state_dict", "hyper_parameters")
+NOT_OURS = "not a checkpoint of this detector"
+RESUME_KEYS = ("state_dict", "optimizer_states", "loops", "epoch", "global_step")
+
+
+class NonFiniteLossError(DetectorError):
+    """The loss became NaN or infinite: training stopped before it reached the weights."""
+
+
+@contextlib.contextmanager
+def safe_loading() -> Iterator[None]:
+    """Lightning's own ``torch.load`` calls (resume, ``test(ckpt_path=...)``) see the same
+    allow-list as :func:`load_checkpoint_file`."""
+    with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        yield
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_checkpoint_file(
+    path: str | Path | None, map_location: str | torch.device = "cpu", setting: str = "ckpt"
+) -> dict[str, Any]:
+    """The checkpoint's dict, read without running any code it may hold."""
+    if not path:
+        raise CheckpointError(
+            f"{setting} is not set: pass {setting}=PATH to a .ckpt file written by train.py"
+        )
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{setting}={path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"{setting}={path}: not a file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{setting}={path}: {NOT_OURS} (empty file, 0 bytes)")
+    try:
+        with safe_loading(), warnings.catch_warnings():
+            # torch's note on odd pickle protocols would add a second line to the error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError as e:
+        raise CheckpointError(f"{setting}={path}: cannot read it ({e.strerror})") from None
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found:
+            raise CheckpointError(
+                f"{setting}={path}: refused to load: unpickling it would call {found.group(1)}, "
+                "which no checkpoint needs (the file may be crafted to run code). Checkpoints "
+                "are loaded with weights_only=True; use only files written by train.py"
+            ) from None
+        detail = re.search(r"(Unsupported operand \d+|invalid load key.*)", str(e))
+        raise CheckpointError(
+            f"{setting}={path}: {NOT_OURS} (not a PyTorch file, or a damaged one: "
+            f"{detail.group(1) if detail else _first_line(e)})"
+        ) from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError... on foreign files
+        raise CheckpointError(
+            f"{setting}={path}: {NOT_OURS} (not a PyTorch file, or a damaged one: "
+            f"{type(e).__name__}: {_first_line(e)})"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(
+            f"{setting}={path}: {NOT_OURS} (it holds a {type(checkpoint).__name__}, not a dict)"
+        )
+    return checkpoint
+
+
+def _check_is_detector(checkpoint: dict, path: Path, setting: str) -> None:
+    missing = [k for k in LIGHTNING_KEYS if k not in checkpoint]
+    if missing:
+        keys = ", ".join(map(str, list(checkpoint)[:6])) or "nothing"
+        raise CheckpointError(
+            f"{setting}={path}: {NOT_OURS} (a bare state dict or another program's file: no "
+            f"{' or '.join(missing)}; it holds {keys}{', ...' if len(checkpoint) > 6 else ''})"
+        )
+    hparams = checkpoint["hyper_parameters"]
+    if not isinstance(hparams, dict) or "backbone" not in hparams:
+        raise CheckpointError(
+            f"{setting}={path}: a checkpoint of another model (its hyper-parameters name no "
+            "backbone: it was not written by this detector's train.py)"
+        )
+
+
+def _compare_state(model: torch.nn.Module, state: dict, path: Path, setting: str) -> None:
+    """Name the first differences, instead of PyTorch's page-long size-mismatch listing."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} weights missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unknown weights (e.g. {unexpected[0]})")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape (e.g. {shapes[0]})")
+        raise CheckpointError(
+            f"{setting}={path}: a checkpoint of a different model: {'; '.join(parts)}"
+        )
+
+
+def load_checkpoint(path: str | Path | None, map_location: str = "cpu"):
+    """A trained detector from a checkpoint, with a one-line error for every way that fails.
+
+    Used by eval, predict and export, so all three accept and refuse the same files. This is
+    ``DetectorModule.load_from_checkpoint`` from a dict that was read once, safely.
+    """
+    from detector.module import DetectorModule
+
+    checkpoint = load_checkpoint_file(path, map_location)
+    path = Path(path).expanduser()
+    _check_is_detector(checkpoint, path, "ckpt")
+    accepted = inspect.signature(DetectorModule.__init__).parameters
+    kwargs = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
+    try:
+        model = DetectorModule(**kwargs)
+    except DetectorError as e:
+        raise CheckpointError(f"ckpt={path}: its settings are not valid here ({e})") from None
+    except Exception as e:
+        raise CheckpointError(
+            f"ckpt={path}: a checkpoint of another model ({type(e).__name__}: {_first_line(e)})"
+        ) from None
+    _compare_state(model, checkpoint["state_dict"], path, "ckpt")
+    model.on_load_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    return model.to(map_location)
+
+
+def check_resume_checkpoint(path: Path, model: torch.nn.Module) -> None:
+    """Refuse, before training starts, a resume file that Lightning would fail on mid-way."""
+    checkpoint = load_checkpoint_file(path, "cpu", setting="ckpt_path")
+    _check_is_detector(checkpoint, path, "ckpt_path")
+    missing = [k for k in RESUME_KEYS if k not in checkpoint]
+    if missing:
+        raise CheckpointError(
+            f"ckpt_path={path}: holds weights but no training state ({', '.join(missing)}), so "
+            "training cannot resume from it"
+        )
+    _compare_state(model, checkpoint["state_dict"], path, "ckpt_path")
+
+
+def find_last_checkpoint(log_dir: str | Path, task_name: str) -> Path | None:
+    """The newest ``<log_dir>/<task>/runs/*/checkpoints/last.ckpt``: the run to resume."""
+    found = list((Path(log_dir) / task_name / "runs").glob("*/checkpoints/last.ckpt"))
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | Path, task_name: str) -> Path | None:
+    """``ckpt_path`` as a file: None, ``last`` (see :func:`find_last_checkpoint`) or a path."""
+    if ckpt_path in (None, ""):
+        return None
+    if str(ckpt_path) == "last":
+        found = find_last_checkpoint(log_dir, task_name)
+        if found is None:
+            raise CheckpointError(
+                f"ckpt_path=last: no earlier run to resume (no "
+                f"{Path(log_dir) / task_name / 'runs'}/*/checkpoints/last.ckpt)"
+            )
+        return found
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"ckpt_path={path}: no such file (a .ckpt path, or 'last')")
+    return path
+
+
+def run_folder_of(ckpt: Path) -> Path | None:
+    """The run folder that wrote ``<run>/checkpoints/x.ckpt``, where a resumed run continues."""
+    ckpt = ckpt.resolve()
+    if ckpt.parent.name == "checkpoints":
+        return ckpt.parent.parent
+    return None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file in the same folder, fsync, then rename over the target.
+
+    ``os.replace`` is atomic on one file system: a reader sees the old file or the new one,
+    never a mixture, and a failure (full disk, kill -9) leaves the old one in place.
+    """
+
+    @staticmethod
+    def _dump(checkpoint: dict[str, Any], f) -> None:
+        torch.save(checkpoint, f)
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.fchmod(fd, FILE_MODE)
+            with os.fdopen(fd, "wb") as f:
+                self._dump(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            tmp = None
+            _fsync_dir(path.parent)
+        except OSError as e:
+            kept = f"the previous {path.name} is unchanged" if path.exists() else "nothing written"
+            raise CheckpointError(
+                f"could not save checkpoint {path} ({e.strerror or e}); {kept}"
+            ) from None
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (a power cut right after could otherwise undo it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class ResumeRandomState(L.Callback):
+    """Saves the torch, numpy and Python random generators with each checkpoint and restores
+    them on resume, so shuffling, flips and dropout continue as if the run never stopped.
+
+    Lightning restores callbacks just before the first training dataloader is iterated, which is
+    where an uninterrupted run is when it writes the end-of-epoch checkpoint.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        np_state = np.random.get_state()
+        version, internal, gauss = random.getstate()
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": [np_state[0], np_state[1].tolist(), *[float(x) for x in np_state[2:]]],
+            "python": [version, list(internal), gauss],
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        torch.set_rng_state(state_dict["torch"])
+        name, keys, pos, has_gauss, cached = state_dict["numpy"]
+        np.random.set_state(
+            (name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), cached)
+        )
+        version, internal, gauss = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss))
+        if "cuda" in state_dict and torch.cuda.is_available():
+            with contextlib.suppress(RuntimeError):
+                torch.cuda.set_rng_state_all(state_dict["cuda"])
+
+
+class FiniteLossGuard(L.Callback):
+    """Stops training at the first NaN/inf loss, before backward, so no weight is touched, and
+    refuses to let a checkpoint be written from weights that are no longer finite."""
+
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        # Every rank stops together (one rank raising alone would leave the others waiting).
+        if trainer.strategy.reduce_boolean_decision(bad, all=False):
+            value = loss.detach().float().mean().item()
+            raise NonFiniteLossError(
+                f"training stopped: the training loss is {value} at epoch "
+                f"{trainer.current_epoch}, step {trainer.global_step}; no weight was updated "
+                f"with it. {_last_good(trainer)} Lower model.optimizer.lr or look for broken "
+                "images or labels, then resume with ckpt_path=last or start again"
+            )
+
+    def _check_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        bad = [n for n, p in pl_module.named_parameters() if not bool(torch.isfinite(p).all())]
+        if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            raise NonFiniteLossError(
+                f"training stopped: weights became NaN/inf at epoch {trainer.current_epoch} "
+                f"({', '.join(bad[:3]) or 'on another rank'}); this epoch was not saved. "
+                f"{_last_good(trainer)} Lower model.optimizer.lr or set trainer.gradient_clip_val"
+            )
+
+    # Before validation (whose metrics and threshold fit would choke on NaN outputs) and at the
+    # end of a training epoch; both run before ModelCheckpoint's hooks, which Lightning calls last.
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._check_weights(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_weights(trainer, pl_module)
+
+
+def _last_good(trainer: L.Trainer) -> str:
+    for callback in trainer.checkpoint_callbacks:
+        dirpath = getattr(callback, "dirpath", None)
+        if dirpath and (Path(dirpath) / "last.ckpt").is_file():
+            return f"The last good checkpoint is {Path(dirpath) / 'last.ckpt'}."
+    return "No checkpoint had been saved yet."
+
+
+def training_callbacks() -> list[L.Callback]:
+    """Callbacks every training run gets, whatever conf/callbacks says."""
+    return [FiniteLossGuard(), ResumeRandomState()]
