@@ -37,7 +37,9 @@ def _train_cfg(out: Path, root: Path, *overrides: str):
 @pytest.fixture
 def data(image_folder, tmp_path) -> Path:
     root = tmp_path / "data"
-    shutil.copytree(image_folder, root)
+    # Without scan caches that other tests may have left in the shared folder, so that a cache
+    # here proves this test's run started scanning.
+    shutil.copytree(image_folder, root, ignore=shutil.ignore_patterns(".detector-scan.json"))
     return root
 
 
