@@ -39,6 +39,9 @@ format: install
 tensorboard: install
 	$(BIN)/tensorboard --logdir logs --bind_all
 
+bench: install  ## images/s of every path vs the bare-PyTorch limit -> bench/results/latest.json
+	$(BIN)/python bench/run.py --means $(ARGS)
+
 demo-data: install
 	$(BIN)/python -m detector.demo data/demo
 

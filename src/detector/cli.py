@@ -9,6 +9,7 @@ from collections.abc import Callable
 from omegaconf import DictConfig, OmegaConf
 
 import detector.launch  # noqa: F401  (registers ${run_id:} and ${if_rank_zero:})
+import detector.speed  # noqa: F401  (registers ${auto_precision:})
 from detector.errors import DetectorError
 
 # Run folders are named to the second; the process id keeps two runs started in the same second

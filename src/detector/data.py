@@ -1,7 +1,9 @@
 """Image folders -> batches: class discovery, the seeded train/val split, decoding and loaders.
 
-Batches hold uint8 images at ``image_size``; the model converts and normalises them, so the
-host moves a quarter of the bytes of float32 and every caller shares one preprocessing path.
+Batches hold uint8 images at ``decode_size`` (default ``image_size``); the model resizes them
+to ``image_size`` on its device when they differ, then converts and normalises them, so the host
+moves a quarter of the bytes of float32 and every caller shares one preprocessing path. Split
+datasets come from :func:`detector.loading.make_dataset` (batched fetching, optional cache).
 """
 
 from __future__ import annotations
@@ -212,6 +214,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         min_size: int = DEFAULT_MIN_SIZE,
         scan_workers: int | None = None,
+        decode_size: int | None = None,
+        cache: bool = False,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("max_pixels", max_pixels), ("min_size", min_size)):
@@ -242,6 +247,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.max_pixels = max_pixels
         self.min_size = min_size
         self.scan_workers = scan_workers
+        # Loaders decode at decode_size and the model's device resizes batches to image_size
+        # (detector.preprocess); cache: a memory-mapped array of decoded images (detector.cache).
+        if decode_size is not None and (not isinstance(decode_size, int) or decode_size <= 0):
+            raise ConfigError(f"data.decode_size={decode_size} must be a positive integer or null")
+        self.decode_size = decode_size or image_size
+        self.cache = bool(cache)
+        self.cache_dir = cache_dir
         # Where bad_files.json goes: this, else the attached trainer's run folder.
         self.report_dir: Path | None = None
         self.scans: dict[str, ScanResult] = {}
@@ -382,23 +394,31 @@ class ImageFolderDataModule(L.LightningDataModule):
             result = self._scan("train", self.train_dir, self.classes)
             samples = [(p, i) for i, name in enumerate(self.classes) for p in result.good[name]]
             train_idx, val_idx = split_indices(len(samples), self.val_fraction, self.seed)
-            self.train_set = ImageDataset(
-                [samples[i] for i in train_idx],
-                self.image_size,
-                self.hflip,
-                self.train_transform,
-                max_pixels=self.max_pixels,
+            self.train_set = self._dataset(
+                [samples[i] for i in train_idx], self.train_dir, self.hflip, self.train_transform
             )
-            self.val_set = ImageDataset(
-                [samples[i] for i in val_idx], self.image_size, max_pixels=self.max_pixels
-            )
+            self.val_set = self._dataset([samples[i] for i in val_idx], self.train_dir)
         if stage in ("test", None) and self.test_set is None and self.test_dir is not None:
             self.check_layout("test")
             classes = find_classes(self.test_dir)
             self.classes = classes
             result = self._scan("test", self.test_dir, classes)
             samples = [(p, i) for i, name in enumerate(classes) for p in result.good[name]]
-            self.test_set = ImageDataset(samples, self.image_size, max_pixels=self.max_pixels)
+            self.test_set = self._dataset(samples, self.test_dir)
+
+    def _dataset(self, samples, folder: Path, hflip: bool = False, transform=None) -> Dataset:
+        from detector.loading import make_dataset  # batched fetching, optional cache
+
+        return make_dataset(
+            samples,
+            self.decode_size,
+            hflip=hflip,
+            transform=transform,
+            max_pixels=self.max_pixels,
+            cache=self.cache,
+            cache_dir=self.cache_dir,
+            folder=folder,
+        )
 
     def _world(self) -> tuple[int, int]:
         """(number of ranks, this rank): the loaders shard the data themselves (the trainer runs
@@ -423,6 +443,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers,
+            collate_fn=getattr(dataset, "collate_fn", None),
         )
 
     def _eval_loader(self, dataset: Dataset, what: str) -> DataLoader:

@@ -27,6 +27,7 @@ from detector.errors import ConfigError
 from detector.launch import gather_rows
 from detector.metrics import THRESHOLD_RULES, fit_threshold
 from detector.model import SEClassifier
+from detector.preprocess import prepare_batch
 
 
 def binary_metrics(prefix: str) -> MetricCollection:
@@ -69,6 +70,8 @@ class DetectorModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         scheduler_interval: str = "epoch",
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if positive_class not in (0, 1):
@@ -89,6 +92,8 @@ class DetectorModule(L.LightningModule):
         self.net = SEClassifier(
             backbone, pretrained, weights_file, se_reduction, hidden_dim, dropout
         )
+        if channels_last:  # NHWC: the layout oneDNN / cuDNN convolutions run fastest in
+            self.net.to(memory_format=torch.channels_last)
         self.loss_fn = nn.BCEWithLogitsLoss()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -115,6 +120,17 @@ class DetectorModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Loaders may decode smaller than ``image_size`` (``data.decode_size``): the batch is
+        resized here, on the device, in one call (see :mod:`detector.preprocess`)."""
+        return prepare_batch(images, int(self.hparams.image_size), self.hparams.channels_last)
+
+    def setup(self, stage: str) -> None:
+        # Module.compile keeps the state-dict keys, so checkpoints load with or without it.
+        if stage == "fit" and self.hparams.compile and not getattr(self, "_compiled", False):
+            self.net.compile()
+            self._compiled = True
+
     def _positive(self, probs: torch.Tensor, targets: torch.Tensor):
         """Scores and labels seen from the positive class."""
         if self.hparams.positive_class == 1:
@@ -125,7 +141,7 @@ class DetectorModule(L.LightningModule):
         self, batch, metrics: MetricCollection, stage: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets = batch
-        logits = self(images).float()
+        logits = self(self.prepare(images)).float()
         loss = self.loss_fn(logits, targets.float())
         probs = torch.sigmoid(logits)
         scores, labels = self._positive(probs, targets)
@@ -200,7 +216,7 @@ class DetectorModule(L.LightningModule):
 
     def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, list | tuple) else batch
-        return torch.sigmoid(self(images).float())
+        return torch.sigmoid(self(self.prepare(images)).float())
 
     def on_test_epoch_start(self) -> None:
         self.test_probs.clear()

@@ -51,6 +51,7 @@ from detector.report import (
     write_json,
     write_predictions,
 )
+from detector.speed import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,10 @@ def _instantiate_trainer(cfg: DictConfig, output_dir: Path, **overrides) -> L.Tr
     kwargs.setdefault("plugins", [AtomicCheckpointIO()])
     if "logger" not in kwargs:
         kwargs["logger"] = _instantiate_loggers(cfg) or False
+    if "precision" not in kwargs:  # auto: bf16-mixed where the hardware has bf16 (detector.speed)
+        kwargs["precision"] = resolve_precision(
+            cfg.trainer.get("precision"), kwargs.get("accelerator", cfg.trainer.get("accelerator"))
+        )
     return hydra.utils.instantiate(cfg.trainer, **kwargs)
 
 
