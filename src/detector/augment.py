@@ -131,3 +131,25 @@ class RandomBlurJPEG:
             f"RandomBlurJPEG(blur_prob={self.blur_prob}, jpeg_prob={self.jpeg_prob}, "
             f"blur_sigma={self.blur_sigma}, jpeg_quality={self.jpeg_quality})"
         )
+
+
+def random_shift(images: torch.Tensor, pad: int) -> torch.Tensor:
+    """Translate each image of an (N, C, H, W) batch by its own random offset of at most ``pad``
+    pixels in each direction, filling the border by reflection (the classic CIFAR pad-and-crop).
+
+    It moves pixels without resampling them, so a generator's pixel-level traces survive, and it
+    acts on whole batches on the model's device (``data.shift``), after the loader.
+    """
+    if pad <= 0:
+        return images
+    n, _, h, w = images.shape
+    if pad >= min(h, w):
+        raise ConfigError(f"data.shift={pad} must be smaller than the images ({h}x{w} px)")
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=images.device)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=images.device)
+    rows = dy + torch.arange(h, device=images.device).view(1, h, 1)
+    cols = dx + torch.arange(w, device=images.device).view(1, 1, w)
+    batch = torch.arange(n, device=images.device).view(n, 1, 1)
+    shifted = padded.permute(0, 2, 3, 1)[batch, rows, cols]  # (N, H, W, C)
+    return shifted.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
 
 from detector.report import plot_history, save_figure
 
@@ -51,3 +53,17 @@ class History(L.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.epochs = list(state_dict.get("epochs", []))
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's exponential moving average of the weights, with checkpoints that mean one thing.
+
+    A checkpoint's ``state_dict`` holds the averaged weights (what validation scored, what eval
+    and predict load). Lightning's callback also restores the raw training weights from it when
+    *testing* after ``fit`` in the same Trainer, so ``train.py``'s final test would score other
+    weights than the checkpoint it names; here the raw weights come back only to resume training.
+    """
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint):
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)

@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.transforms.v2 import functional as F
 
-from detector.augment import RandomBlurJPEG
+from detector.augment import RandomBlurJPEG, random_shift
 from detector.errors import ConfigError, DataError
 from detector.scan import (
     DEFAULT_MAX_PIXELS,
@@ -210,6 +210,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         hflip: bool = True,
         blur_prob: float = 0.0,
         jpeg_prob: float = 0.0,
+        shift: int = 0,
         strict: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         min_size: int = DEFAULT_MIN_SIZE,
@@ -241,6 +242,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         # CNNDetection's blur + JPEG augmentation, for training images only.
         augment = RandomBlurJPEG(blur_prob, jpeg_prob)
         self.train_transform = augment if blur_prob or jpeg_prob else None
+        if not isinstance(shift, int) or shift < 0:
+            raise ConfigError(f"data.shift={shift} must be a whole number of pixels >= 0")
+        self.shift = shift
         self.classes: list[str] | None = None
         self.train_set = self.val_set = self.test_set = None
         self.strict = strict
@@ -419,6 +423,13 @@ class ImageFolderDataModule(L.LightningDataModule):
             cache_dir=self.cache_dir,
             folder=folder,
         )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # Batch-wide, on the model's device: cheap whatever the loader path (cache, PIL, fast).
+        if self.shift and self.trainer is not None and self.trainer.training:
+            images, *rest = batch
+            batch = [random_shift(images, self.shift), *rest]
+        return batch
 
     def _world(self) -> tuple[int, int]:
         """(number of ranks, this rank): the loaders shard the data themselves (the trainer runs
