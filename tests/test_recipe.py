@@ -1,5 +1,6 @@
 """The CIFAKE recipe's pieces: random shift augmentation, EMA weights, the experiment configs."""
 
+import csv
 from types import SimpleNamespace
 
 import pytest
@@ -82,3 +83,26 @@ def test_cifake_cpu_recipe_composes_and_its_ema_checkpoint_evaluates_alike(image
     report = evaluate(compose_config("eval", tmp_path / "b", eval_overrides))
     assert report["auroc"] == pytest.approx(metrics["test/auroc"], abs=1e-5)
     assert report["loss"] == pytest.approx(metrics["test/loss"], abs=1e-5)
+
+
+def test_eval_on_the_validation_split(trained_run, tmp_path):
+    data = ImageFolderDataModule(root=str(trained_run["data"]), image_size=32)
+    data.setup("fit")
+    val_paths = sorted(p for p, _ in data.val_set.samples)
+    overrides = [
+        f"ckpt={trained_run['ckpt']}",
+        "data=imagefolder",
+        f"data.root={trained_run['data']}",
+        "data.num_workers=0",
+        "trainer.accelerator=cpu",
+        "split=val",
+    ]
+    report = evaluate(compose_config("eval", tmp_path, overrides))
+    with open(tmp_path / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["path"] for r in rows) == val_paths
+    assert report["table"][0]["set"] == "val" and report["table"][0]["n"] == len(val_paths)
+    with pytest.raises(ConfigError, match="split=val"):
+        evaluate(compose_config("eval", tmp_path / "x", [*overrides, "data.test_dir=elsewhere"]))
+    with pytest.raises(ConfigError, match="split='train'"):
+        evaluate(compose_config("eval", tmp_path / "y", [*overrides, "split=train"]))

@@ -357,6 +357,11 @@ def _test_sets(cfg: DictConfig, model: DetectorModule) -> list[tuple[str, ImageF
         data_cfg["root"] = None
     if data_cfg.get("image_size") is None:
         data_cfg["image_size"] = int(model.hparams.image_size)
+    split = cfg.get("split") or "test"
+    if split not in ("test", "val"):
+        raise ConfigError(f"split={split!r} must be test or val")
+    if split == "val":
+        return [("val", _validation_set(cfg, data_cfg, spec, model))]
     if not spec:
         datamodule: ImageFolderDataModule = hydra.utils.instantiate(data_cfg)
         if not data_cfg.get("test_dir"):
@@ -384,6 +389,29 @@ def _test_sets(cfg: DictConfig, model: DetectorModule) -> list[tuple[str, ImageF
                 f"checkpoint was trained on {list(model.hparams.class_names)}"
             )
     return sets
+
+
+def _validation_set(
+    cfg: DictConfig, data_cfg: dict, spec, model: DetectorModule
+) -> ImageFolderDataModule:
+    """``split=val``: the seeded validation split of the training folder, evaluated as a test
+    set. It is where thresholds and recipes are tuned, so the test split stays untouched."""
+    if spec or data_cfg.get("test_dir"):
+        raise ConfigError(
+            "split=val evaluates the validation split of data.root/train (or data.train_dir): "
+            "drop data.test_dir / data.test_dirs"
+        )
+    datamodule: ImageFolderDataModule = hydra.utils.instantiate(data_cfg)
+    datamodule.report_dir = Path(cfg.paths.output_dir)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    if list(datamodule.classes) != list(model.hparams.class_names):
+        raise ConfigError(
+            f"training folder {datamodule.train_dir} has classes {datamodule.classes} but the "
+            f"checkpoint was trained on {list(model.hparams.class_names)}"
+        )
+    datamodule.test_set = datamodule.val_set
+    return datamodule
 
 
 def _name_test_dirs(spec) -> list[tuple[str, str]]:
