@@ -40,6 +40,7 @@ ROWS = {
         ],
     ),
     "no_shift": ("without random shift", ["data.shift=0"]),
+    "shift4": ("random shift of 4 px instead of 2", ["data.shift=4"]),
     "no_flip": ("without horizontal flip", ["data.hflip=false"]),
     "blur_jpeg": (
         "+ blur/JPEG augmentation (p=0.1 each)",
