@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 
 from detector import demo
+from tests.conftest import run_script
 
 SMALL = {"train_per_class": 12, "test_per_class": 4}
 
@@ -212,3 +214,23 @@ def test_full_demo_colour_statistics_are_uninformative(tmp_path: Path) -> None:
     clf = LogisticRegression(max_iter=2000).fit(x_train, y_train)
     auc = roc_auc_score(y_test, clf.predict_proba(x_test)[:, 1])
     assert auc <= 0.75, f"colour statistics separate REAL/FAKE too well (AUC {auc:.3f})"
+
+
+@pytest.mark.slow
+def test_default_run_learns_the_demo_set(tmp_path: Path) -> None:
+    """``python train.py`` with no arguments, as ``make train`` runs it: demo set made on first
+    use, trained, best checkpoint tested; test AUC >= 0.90. Then eval.py reproduces it."""
+    train = run_script("train.py", cwd=tmp_path, timeout=1200)
+    assert train.returncode == 0, train.stderr[-3000:]
+    runs = sorted((tmp_path / "logs" / "train" / "runs").iterdir())
+    assert len(runs) == 1
+    report = json.loads((runs[0] / "metrics.json").read_text())
+    assert report["auroc"] >= 0.90, report["auroc"]
+    best = re.search(r"Best checkpoint: (\S+)", train.stdout).group(1)
+    evaluated = run_script("eval.py", f"ckpt={best}", cwd=tmp_path, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    again = json.loads(
+        next((tmp_path / "logs" / "eval" / "runs").iterdir()).joinpath("metrics.json").read_text()
+    )
+    assert again["auroc"] == pytest.approx(report["auroc"], abs=1e-6)
+    assert again["accuracy"] == pytest.approx(report["accuracy"], abs=1e-6)

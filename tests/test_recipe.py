@@ -40,6 +40,8 @@ def test_random_shift_moves_whole_images_without_new_values():
 def test_shift_applies_to_training_batches_only(image_folder):
     with pytest.raises(ConfigError, match="data.shift=-1"):
         ImageFolderDataModule(root=str(image_folder), shift=-1)
+    with pytest.raises(ConfigError, match="data.shift=32 must be smaller.*32 px"):
+        ImageFolderDataModule(root=str(image_folder), image_size=64, decode_size=32, shift=32)
     data = ImageFolderDataModule(root=str(image_folder), image_size=32, shift=4)
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     labels = torch.arange(8)

@@ -242,9 +242,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         # CNNDetection's blur + JPEG augmentation, for training images only.
         augment = RandomBlurJPEG(blur_prob, jpeg_prob)
         self.train_transform = augment if blur_prob or jpeg_prob else None
-        if not isinstance(shift, int) or shift < 0:
-            raise ConfigError(f"data.shift={shift} must be a whole number of pixels >= 0")
-        self.shift = shift
         self.classes: list[str] | None = None
         self.train_set = self.val_set = self.test_set = None
         self.strict = strict
@@ -256,6 +253,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         if decode_size is not None and (not isinstance(decode_size, int) or decode_size <= 0):
             raise ConfigError(f"data.decode_size={decode_size} must be a positive integer or null")
         self.decode_size = decode_size or image_size
+        if not isinstance(shift, int) or shift < 0:
+            raise ConfigError(f"data.shift={shift} must be a whole number of pixels >= 0")
+        if shift >= self.decode_size:
+            raise ConfigError(
+                f"data.shift={shift} must be smaller than the images the loader decodes "
+                f"({self.decode_size} px, data.decode_size or data.image_size)"
+            )
+        self.shift = shift
         self.cache = bool(cache)
         self.cache_dir = cache_dir
         # Where bad_files.json goes: this, else the attached trainer's run folder.

@@ -14,6 +14,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
@@ -137,6 +138,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Under DDP every rank tests its own shard of the test set with the best checkpoint (one
     # Trainer, one process group: no rank waits for another) and write_test_report gathers them.
     if cfg.get("test") and datamodule.has_test:
+        # Test in float32 whatever precision trained (bf16 by default on bf16 hardware): the
+        # numbers then equal what eval.py, predict.py and exported models give for this checkpoint.
+        trainer.strategy.precision_plugin = Precision()
         with safe_loading():
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
@@ -383,11 +387,7 @@ def _test_sets(cfg: DictConfig, model: DetectorModule) -> list[tuple[str, ImageF
         # bad_files.json beside the set's report
         datamodule.report_dir = Path(cfg.paths.output_dir) / (name if len(sets) > 1 else "")
         datamodule.setup("test")
-        if list(datamodule.classes) != list(model.hparams.class_names):
-            raise ConfigError(
-                f"test folder {datamodule.test_dir} has classes {datamodule.classes} but the "
-                f"checkpoint was trained on {list(model.hparams.class_names)}"
-            )
+        _check_classes(f"test folder {datamodule.test_dir}", datamodule, model)
     return sets
 
 
@@ -405,13 +405,17 @@ def _validation_set(
     datamodule.report_dir = Path(cfg.paths.output_dir)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    if list(datamodule.classes) != list(model.hparams.class_names):
-        raise ConfigError(
-            f"training folder {datamodule.train_dir} has classes {datamodule.classes} but the "
-            f"checkpoint was trained on {list(model.hparams.class_names)}"
-        )
+    _check_classes(f"training folder {datamodule.train_dir}", datamodule, model)
     datamodule.test_set = datamodule.val_set
     return datamodule
+
+
+def _check_classes(what: str, datamodule: ImageFolderDataModule, model: DetectorModule) -> None:
+    if list(datamodule.classes) != list(model.hparams.class_names):
+        raise ConfigError(
+            f"{what} has classes {datamodule.classes} but the checkpoint was trained on "
+            f"{list(model.hparams.class_names)}"
+        )
 
 
 def _name_test_dirs(spec) -> list[tuple[str, str]]:
