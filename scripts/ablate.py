@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # One epoch is 80,000 images; a short run sees two quarters of it (312 steps), validates once, at
@@ -99,11 +101,15 @@ def main() -> None:
         ]
         run(eval_cmd, args.out / f"{name}.val.log")
         report = json.loads((run_dir / "val" / "metrics.json").read_text())
+        # Training accuracy of the last epoch: next to val, it tells under- from over-fitting.
+        events = EventAccumulator(str(run_dir / "train" / "tensorboard"))
+        events.Reload()
         row = {
             "row": name,
             "what": what,
             "command": shlex.join(["python", *train_cmd[1:-2]]),
             "train_minutes": round(minutes, 1),
+            "train_accuracy": events.Scalars("train/acc")[-1].value,
             "val_accuracy": report["accuracy"],
             "val_auroc": report["auroc"],
             "val_f1": report["f1"],
@@ -112,7 +118,8 @@ def main() -> None:
         with open(results, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(
-            f"{name:10s} {minutes:5.1f} min  acc {row['val_accuracy']:.4f}  "
+            f"{name:10s} {minutes:5.1f} min  train acc {row['train_accuracy']:.4f}  "
+            f"val acc {row['val_accuracy']:.4f}  "
             f"auroc {row['val_auroc']:.4f}  f1 {row['val_f1']:.4f}",
             flush=True,
         )
