@@ -61,12 +61,40 @@ def run(cmd: list[str], log: Path) -> str:
     return text
 
 
+def table(results: Path) -> str:
+    """The README table: one row per ablation (the newest run of each), in ROWS order."""
+    rows = {}
+    for line in results.read_text().splitlines():
+        row = json.loads(line)
+        rows[row["row"]] = row
+    lines = [
+        "| change | override | time | train acc | val acc | val AUC | val F1 |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in ROWS:
+        if name not in rows:
+            continue
+        r, (what, overrides) = rows[name], ROWS[name]
+        train_acc = r.get("train_accuracy")
+        lines.append(
+            f"| {what} | {'`' + ' '.join(overrides) + '`' if overrides else ''} "
+            f"| {r['train_minutes']:.1f} min "
+            f"| {f'{train_acc:.2%}' if train_acc is not None else 'n/a'} "
+            f"| {r['val_accuracy']:.2%} | {r['val_auroc']:.4f} | {r['val_f1']:.2%} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/cifake", help="folder holding train/{FAKE,REAL}")
     parser.add_argument("--only", help="comma-separated row names (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "logs" / "ablations")
+    parser.add_argument("--table", action="store_true", help="only print the README table")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.out / "results.jsonl"))
+        return
     names = args.only.split(",") if args.only else list(ROWS)
     unknown = set(names) - set(ROWS)
     if unknown:
