@@ -217,6 +217,7 @@ def test_full_demo_colour_statistics_are_uninformative(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~5 min alone here; far longer on a loaded machine
 def test_default_run_learns_the_demo_set(tmp_path: Path) -> None:
     """``python train.py`` with no arguments, as ``make train`` runs it: demo set made on first
     use, trained, best checkpoint tested; test AUC >= 0.90. Then eval.py reproduces it."""
