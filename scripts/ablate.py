@@ -78,7 +78,7 @@ def table(results: Path) -> str:
         train_acc = r.get("train_accuracy")
         lines.append(
             f"| {what} | {'`' + ' '.join(overrides) + '`' if overrides else ''} "
-            f"| {r['train_minutes']:.1f} min "
+            f"| {f'{minutes:.1f} min' if (minutes := r.get('train_minutes')) else 'n/a'} "
             f"| {f'{train_acc:.2%}' if train_acc is not None else 'n/a'} "
             f"| {r['val_accuracy']:.2%} | {r['val_auroc']:.4f} | {r['val_f1']:.2%} |"
         )
