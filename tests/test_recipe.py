@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from detector.augment import random_shift
+from detector.callbacks import EMA
 from detector.data import ImageFolderDataModule
 from detector.errors import ConfigError
 from detector.tasks import evaluate, train
@@ -108,3 +109,21 @@ def test_eval_on_the_validation_split(trained_run, tmp_path):
         evaluate(compose_config("eval", tmp_path / "x", [*overrides, "data.test_dir=elsewhere"]))
     with pytest.raises(ConfigError, match="split='train'"):
         evaluate(compose_config("eval", tmp_path / "y", [*overrides, "split=train"]))
+
+
+def test_ema_callback_averages_with_one_fused_update_per_step():
+    """The fused update must be the same exponential average as Lightning's per-tensor one."""
+    from torch.optim.swa_utils import AveragedModel
+
+    callback = EMA(decay=0.9)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    average = AveragedModel(model, use_buffers=True, **callback._kwargs)
+    average.update_parameters(model)  # the first update copies the weights
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    average.update_parameters(model)
+    weight = average.module[0].weight
+    assert callback._kwargs["avg_fn"] is None and callback._kwargs["multi_avg_fn"] is not None
+    assert torch.allclose(weight, 0.9 * start["0.weight"] + 0.1 * (start["0.weight"] + 1.0))
