@@ -41,8 +41,8 @@ ROWS = {
             "model.scheduler=null",
         ],
     ),
-    "no_shift": ("without random shift", ["data.shift=0"]),
-    "shift4": ("random shift of 4 px instead of 2", ["data.shift=4"]),
+    "shift2": ("+ random shift (crop) of up to 2 px", ["data.shift=2"]),
+    "shift4": ("+ random shift (crop) of up to 4 px", ["data.shift=4"]),
     "no_flip": ("without horizontal flip", ["data.hflip=false"]),
     "blur_jpeg": (
         "+ blur/JPEG augmentation (p=0.1 each)",
@@ -75,6 +75,8 @@ def table(results: Path) -> str:
         if name not in rows:
             continue
         r, (what, overrides) = rows[name], ROWS[name]
+        # A row's own overrides: what it ran with, should the recipe have changed since.
+        overrides = r.get("overrides", overrides)
         train_acc = r.get("train_accuracy")
         lines.append(
             f"| {what} | {'`' + ' '.join(overrides) + '`' if overrides else ''} "
@@ -136,6 +138,7 @@ def main() -> None:
             "row": name,
             "what": what,
             "command": shlex.join(["python", *train_cmd[1:-2]]),
+            "overrides": overrides,
             "train_minutes": round(minutes, 1),
             "train_accuracy": events.Scalars("train/acc")[-1].value,
             "val_accuracy": report["accuracy"],
