@@ -61,6 +61,7 @@ class DetectorModule(L.LightningModule):
         se_reduction: int = 16,
         hidden_dim: int = 128,
         dropout: float = 0.5,
+        flip_average: bool = False,
         image_size: int = 224,
         class_names: Sequence[str] = ("FAKE", "REAL"),
         positive_class: int = 1,
@@ -90,7 +91,7 @@ class DetectorModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.hparams["class_names"] = list(class_names)
         self.net = SEClassifier(
-            backbone, pretrained, weights_file, se_reduction, hidden_dim, dropout
+            backbone, pretrained, weights_file, se_reduction, hidden_dim, dropout, flip_average
         )
         if channels_last:  # NHWC: the layout oneDNN / cuDNN convolutions run fastest in
             self.net.to(memory_format=torch.channels_last)
