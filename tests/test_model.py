@@ -104,7 +104,9 @@ def test_batchnorm_uses_running_stats_in_eval_mode():
 def test_hyperparameters_rebuild_the_module_without_config(tmp_path):
     import lightning as L
 
-    module = DetectorModule(backbone="test_resnet", se_reduction=8, dropout=0.3, image_size=48)
+    module = DetectorModule(
+        backbone="test_resnet", se_reduction=8, dropout=0.3, image_size=48, flip_average=True
+    )
     trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
     trainer.strategy.connect(module)
     path = tmp_path / "m.ckpt"
@@ -113,4 +115,23 @@ def test_hyperparameters_rebuild_the_module_without_config(tmp_path):
     assert loaded.hparams.backbone == "test_resnet"
     assert loaded.hparams.se_reduction == 8
     assert loaded.hparams.image_size == 48
+    assert loaded.net.flip_average is True
     assert list(loaded.hparams.class_names) == ["FAKE", "REAL"]
+
+
+def test_flip_average_scores_the_mean_of_an_image_and_its_mirror_outside_training():
+    torch.manual_seed(0)
+    plain = SEClassifier("test_resnet", dropout=0.0).eval()
+    averaged = SEClassifier("test_resnet", dropout=0.0, flip_average=True).eval()
+    averaged.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = (plain(x) + plain(x.flip(-1))) / 2
+        got = averaged(x)
+        assert got.shape == (5,)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(averaged(x.flip(-1)), got, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(plain(x), expected, atol=1e-4)  # the mirror image does count
+    # Training sees each image once, as it comes (flips are the loader's augmentation).
+    plain.train(), averaged.train()
+    torch.testing.assert_close(averaged(x), plain(x), rtol=1e-5, atol=1e-5)

@@ -59,7 +59,8 @@ def test_shift_applies_to_training_batches_only(image_folder):
 def test_cifake_cpu_recipe_composes_and_its_ema_checkpoint_evaluates_alike(image_folder, tmp_path):
     cfg = compose_config("train", tmp_path, ["experiment=cifake_cpu", "data.root=x"])
     assert cfg.data.image_size == 32 and cfg.model.pretrained is False
-    assert cfg.callbacks.ema.decay == pytest.approx(0.998)
+    assert cfg.callbacks.ema.decay == pytest.approx(0.996)
+    assert cfg.model.flip_average is True and cfg.model.optimizer.fused is True
     # The same recipe, a few steps on a tiny folder: the best checkpoint holds the averaged
     # weights, and testing it reproduces the test numbers printed at the end of training.
     overrides = [

@@ -153,8 +153,8 @@ class SEClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape (N,): sigmoid gives the probability of class index 1."""
         if self.flip_average and not self.training:
-            both = self._logits(torch.cat([x, x.flip(-1)]))  # one pass: bigger kernels
-            return (both[: len(x)] + both[len(x) :]) / 2
+            # One pass over both (bigger kernels); view(2, -1) keeps any batch size traceable.
+            return self._logits(torch.cat([x, x.flip(-1)])).view(2, -1).mean(0)
         return self._logits(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
