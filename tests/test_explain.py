@@ -57,6 +57,22 @@ def test_maps_follow_their_definitions_and_leave_the_model_alone(module_and_imag
     assert torch.allclose(other.ig, -one.ig, atol=1e-6)
 
 
+def test_flip_averaged_model_is_explained_one_map_per_image(module_and_images):
+    module, images = module_and_images
+    module.net.flip_average = True
+    try:
+        result = explain_maps(module, images, n_steps=4)
+        assert module.net.flip_average is True  # switched off for Grad-CAM only
+        module.eval()
+        with torch.no_grad():
+            averaged = torch.sigmoid(module.net(images))
+    finally:
+        module.net.flip_average = False
+    assert torch.allclose(result.probability, averaged, atol=1e-6)  # the score predict gives
+    assert result.gradcam.shape == (4, 32, 32) and result.ig.shape == (4, 32, 32)
+    assert torch.isfinite(result.gradcam).all()
+
+
 def test_figure_for_tensorboard_and_layer_choice(module_and_images):
     module, images = module_and_images
     fig = explain_figure(module, images[:2], titles=["a", "b"], n_steps=4, display_size=64)

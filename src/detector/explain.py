@@ -114,6 +114,19 @@ def _frozen_eval(net: nn.Module):
         net.train(was_training)
 
 
+@contextmanager
+def _single_view(net: nn.Module):
+    """Grad-CAM pairs one hooked activation with each image; with ``flip_average`` the layer
+    would see every image twice (itself and its mirror), so Grad-CAM maps the image as given.
+    The probability and Integrated Gradients still come from the whole (averaged) model."""
+    flip = getattr(net, "flip_average", False)
+    net.flip_average = False
+    try:
+        yield
+    finally:
+        net.flip_average = flip
+
+
 def explain_maps(
     model: nn.Module,
     images: torch.Tensor,
@@ -153,7 +166,7 @@ def explain_maps(
         if ((targets != 0) & (targets != 1)).any():
             raise ConfigError(f"target={target} must be the class index 0 or 1")
 
-        with GradCAM(model=net, target_layers=[layer_module]) as cam:
+        with _single_view(net), GradCAM(model=net, target_layers=[layer_module]) as cam:
             cams = cam(
                 input_tensor=x.clone().requires_grad_(True),
                 targets=[BinaryClassifierOutputTarget(int(t)) for t in targets],
