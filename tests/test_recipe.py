@@ -68,6 +68,7 @@ def test_cifake_cpu_recipe_composes_and_its_ema_checkpoint_evaluates_alike(image
         *TINY,
         f"data.root={image_folder}",
         "trainer.max_epochs=2",
+        "trainer.check_val_every_n_epoch=1",
         "callbacks.ema.decay=0.5",
     ]
     metrics = train(compose_config("train", tmp_path / "a", overrides))

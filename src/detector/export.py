@@ -19,6 +19,7 @@ from torch import nn
 
 from detector.errors import ConfigError
 from detector.inference import Detector, output_target
+from detector.matmul_conv import set_matmul_convs
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -137,7 +138,8 @@ def export(cfg: DictConfig) -> dict:
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     detector = Detector.from_checkpoint(cfg.ckpt, device="cpu")
-    wrapper = ExportWrapper(detector.net).eval()
+    # Ordinary convolutions in the file: ONNX Runtime and LibTorch optimise those themselves.
+    wrapper = ExportWrapper(set_matmul_convs(detector.net, enabled=False)).eval()
     s = detector.image_size
     # Batch 2 for tracing: batch 1 could be specialised into the graph as a constant.
     example = torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(0))

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from detector.errors import ConfigError
+from detector.matmul_conv import set_matmul_convs
 
 
 class SqueezeExcitation(nn.Module):
@@ -126,10 +127,13 @@ class SEClassifier(nn.Module):
         hidden_dim: int = 128,
         dropout: float = 0.5,
         flip_average: bool = False,
+        matmul_convs: bool = True,
     ) -> None:
         super().__init__()
         self.flip_average = flip_average
         self.backbone = create_backbone(backbone, pretrained, weights_file)
+        if matmul_convs:  # 2.5x faster training steps on CPU at 32 px (detector.matmul_conv)
+            set_matmul_convs(self.backbone)
         channels = self.backbone.num_features
         self.se = SqueezeExcitation(channels, se_reduction) if se_reduction else nn.Identity()
         self.head = nn.Sequential(

@@ -62,6 +62,7 @@ class DetectorModule(L.LightningModule):
         hidden_dim: int = 128,
         dropout: float = 0.5,
         flip_average: bool = False,
+        matmul_convs: bool = True,
         image_size: int = 224,
         class_names: Sequence[str] = ("FAKE", "REAL"),
         positive_class: int = 1,
@@ -91,7 +92,14 @@ class DetectorModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.hparams["class_names"] = list(class_names)
         self.net = SEClassifier(
-            backbone, pretrained, weights_file, se_reduction, hidden_dim, dropout, flip_average
+            backbone,
+            pretrained,
+            weights_file,
+            se_reduction,
+            hidden_dim,
+            dropout,
+            flip_average,
+            matmul_convs,
         )
         if channels_last:  # NHWC: the layout oneDNN / cuDNN convolutions run fastest in
             self.net.to(memory_format=torch.channels_last)
