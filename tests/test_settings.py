@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from detector.cli import run
-from detector.tasks import evaluate, train
+from detector.tasks import _check_settings, evaluate, train
 from tests.conftest import TINY, compose_config, run_script
 
 
@@ -138,6 +138,10 @@ SETTINGS = {
         "model.backbone='resnet5000' is not a timm model (similar: resnet",
     ),
     "zero max_pixels": ("data.max_pixels=0", "data.max_pixels=0 must be a positive integer"),
+    "never validated": (
+        "trainer.check_val_every_n_epoch=3",  # _train_cfg trains 1 epoch
+        "trainer.max_epochs=1 is less than trainer.check_val_every_n_epoch=3",
+    ),
 }
 
 
@@ -171,3 +175,19 @@ def test_the_command_line_prints_one_line_and_exits_2(tmp_path):
     assert f"error: data.root={tmp_path / 'nowhere'} does not exist" in result.stderr
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_unvalidated_last_epochs_are_warned_about(data, tmp_path, caplog):
+    cfg = _train_cfg(
+        tmp_path / "run", data, "trainer.max_epochs=5", "trainer.check_val_every_n_epoch=2"
+    )
+    with caplog.at_level(logging.WARNING, logger="detector.tasks"):
+        _check_settings(cfg)
+    assert "the last 1 epoch(s) are trained but never validated" in caplog.text
+    caplog.clear()
+    cfg = _train_cfg(
+        tmp_path / "run", data, "trainer.max_epochs=6", "trainer.check_val_every_n_epoch=2"
+    )
+    with caplog.at_level(logging.WARNING, logger="detector.tasks"):
+        _check_settings(cfg)
+    assert "never validated" not in caplog.text

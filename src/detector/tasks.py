@@ -110,6 +110,24 @@ def _check_settings(cfg: DictConfig) -> None:
     epochs = OmegaConf.select(cfg, "trainer.max_epochs")
     if epochs is not None and epochs != -1 and epochs <= 0:
         raise ConfigError(f"trainer.max_epochs={epochs} must be > 0 (or -1 for no limit)")
+    every = OmegaConf.select(cfg, "trainer.check_val_every_n_epoch")
+    if isinstance(every, int) and every > 0 and epochs is not None and epochs > 0:
+        # The best checkpoint is chosen by val AUROC: an unvalidated run would keep none, and
+        # an unvalidated last epoch would be trained but never kept as the best.
+        if epochs < every:
+            raise ConfigError(
+                f"trainer.max_epochs={epochs} is less than trainer.check_val_every_n_epoch="
+                f"{every}: the run would never validate, so no best checkpoint; lower the latter"
+            )
+        if epochs % every:
+            rank_zero_only(log.warning)(
+                "trainer.max_epochs=%d is not a multiple of trainer.check_val_every_n_epoch=%d:"
+                " the last %d epoch(s) are trained but never validated, so the best checkpoint"
+                " cannot include them",
+                epochs,
+                every,
+                epochs % every,
+            )
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
