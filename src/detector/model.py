@@ -38,7 +38,10 @@ class SqueezeExcitation(nn.Module):
 
 
 def create_backbone(
-    name: str, pretrained: bool = False, weights_file: str | None = None
+    name: str,
+    pretrained: bool = False,
+    weights_file: str | None = None,
+    drop_path_rate: float = 0.0,
 ) -> nn.Module:
     """A timm trunk that returns its last feature map (no pooling, no classifier).
 
@@ -48,6 +51,8 @@ def create_backbone(
     if name not in timm.list_models() and not timm.is_model(name):
         raise ConfigError(f"model.backbone={name!r} is not a timm model (see timm.list_models())")
     kwargs: dict = {"num_classes": 0, "global_pool": ""}
+    if drop_path_rate:  # stochastic depth; not every timm model takes the argument
+        kwargs["drop_path_rate"] = drop_path_rate
     if weights_file:
         path = Path(weights_file).expanduser()
         if not path.is_file():
@@ -128,10 +133,11 @@ class SEClassifier(nn.Module):
         dropout: float = 0.5,
         flip_average: bool = False,
         matmul_convs: bool = True,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         self.flip_average = flip_average
-        self.backbone = create_backbone(backbone, pretrained, weights_file)
+        self.backbone = create_backbone(backbone, pretrained, weights_file, drop_path_rate)
         if matmul_convs:  # 2.5x faster training steps on CPU at 32 px (detector.matmul_conv)
             set_matmul_convs(self.backbone)
         channels = self.backbone.num_features

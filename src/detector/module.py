@@ -63,6 +63,8 @@ class DetectorModule(L.LightningModule):
         dropout: float = 0.5,
         flip_average: bool = False,
         matmul_convs: bool = True,
+        drop_path_rate: float = 0.0,
+        label_smoothing: float = 0.0,
         image_size: int = 224,
         class_names: Sequence[str] = ("FAKE", "REAL"),
         positive_class: int = 1,
@@ -89,6 +91,10 @@ class DetectorModule(L.LightningModule):
             )
         if not 0.0 <= target_fpr < 1.0:
             raise ConfigError(f"model.target_fpr={target_fpr} must be in [0, 1)")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"model.label_smoothing={label_smoothing} must be in [0, 1)")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ConfigError(f"model.drop_path_rate={drop_path_rate} must be in [0, 1)")
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.hparams["class_names"] = list(class_names)
         self.net = SEClassifier(
@@ -100,6 +106,7 @@ class DetectorModule(L.LightningModule):
             dropout,
             flip_average,
             matmul_convs,
+            drop_path_rate,
         )
         if channels_last:  # NHWC: the layout oneDNN / cuDNN convolutions run fastest in
             self.net.to(memory_format=torch.channels_last)
@@ -151,7 +158,12 @@ class DetectorModule(L.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets = batch
         logits = self(self.prepare(images)).float()
-        loss = self.loss_fn(logits, targets.float())
+        soft = targets.float()
+        if stage == "train" and self.hparams.label_smoothing:
+            # Targets eps/2 and 1 - eps/2: a bounded logit instead of ever-growing confidence
+            # on training images. Validation and test losses keep the hard labels.
+            soft = soft * (1.0 - self.hparams.label_smoothing) + self.hparams.label_smoothing / 2
+        loss = self.loss_fn(logits, soft)
         probs = torch.sigmoid(logits)
         scores, labels = self._positive(probs, targets)
         metrics.update(scores, labels)
