@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -135,3 +137,40 @@ def test_flip_average_scores_the_mean_of_an_image_and_its_mirror_outside_trainin
     # Training sees each image once, as it comes (flips are the loader's augmentation).
     plain.train(), averaged.train()
     torch.testing.assert_close(averaged(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_label_smoothing_softens_training_targets_only():
+    torch.manual_seed(0)
+    module = DetectorModule("test_resnet", label_smoothing=0.2, image_size=32)
+    module.log_dict = module.log = lambda *a, **k: None  # no Trainer to log to
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    targets = torch.tensor([0, 1, 1, 0])
+    module.eval()  # the same logits in both calls (dropout off)
+    logits = module(module.prepare(images)).float()
+    train_loss, _ = module._step((images, targets), module.train_metrics, "train")
+    val_loss, _ = module._step((images, targets), module.val_metrics, "val")
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    soft = torch.tensor([0.1, 0.9, 0.9, 0.1])
+    torch.testing.assert_close(train_loss, bce(logits, soft))
+    torch.testing.assert_close(val_loss, bce(logits, targets.float()))
+    assert not torch.isclose(train_loss, val_loss)
+
+
+def test_drop_path_rate_reaches_the_backbone_blocks():
+    net = SEClassifier("resnet50", drop_path_rate=0.1)
+    rates = [m.drop_prob for m in net.backbone.modules() if type(m).__name__ == "DropPath"]
+    # timm: rising linearly with depth over the 16 blocks, the first one (rate 0) without
+    assert len(rates) == 15 and rates == sorted(rates) and rates[-1] == pytest.approx(0.1)
+    assert not any(type(m).__name__ == "DropPath" for m in SEClassifier("resnet50").modules())
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"label_smoothing": 1.0}, "model.label_smoothing=1.0 must be in [0, 1)"),
+        ({"drop_path_rate": -0.1}, "model.drop_path_rate=-0.1 must be in [0, 1)"),
+    ],
+)
+def test_regularisation_settings_out_of_range_are_config_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        DetectorModule("test_resnet", **kwargs)
