@@ -174,3 +174,8 @@ def test_drop_path_rate_reaches_the_backbone_blocks():
 def test_regularisation_settings_out_of_range_are_config_errors(kwargs, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         DetectorModule("test_resnet", **kwargs)
+
+
+def test_drop_path_on_a_backbone_without_it_names_both_settings():
+    with pytest.raises(ConfigError, match=r"model.drop_path_rate=0.1: model.backbone='vgg11'"):
+        SEClassifier("vgg11", drop_path_rate=0.1)

@@ -53,6 +53,14 @@ def create_backbone(
     kwargs: dict = {"num_classes": 0, "global_pool": ""}
     if drop_path_rate:  # stochastic depth; not every timm model takes the argument
         kwargs["drop_path_rate"] = drop_path_rate
+        try:
+            with torch.device("meta"):  # a dry build: no memory, no weights
+                timm.create_model(name, **kwargs)
+        except TypeError as e:
+            raise ConfigError(
+                f"model.drop_path_rate={drop_path_rate}: model.backbone={name!r} has no "
+                f"stochastic depth ({_first_line(e)}); set model.drop_path_rate=0"
+            ) from e
     if weights_file:
         path = Path(weights_file).expanduser()
         if not path.is_file():
