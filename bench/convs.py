@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from run import sync, synthetic  # bench/run.py: make bench's device, batches and sync
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from detector.matmul_conv import set_matmul_convs  # noqa: E402
-from detector.model import SEClassifier  # noqa: E402
-from detector.speed import cpu_has_bf16  # noqa: E402
+from detector.matmul_conv import set_matmul_convs
+from detector.model import SEClassifier
+from detector.speed import cpu_has_bf16
 
 
 def main() -> None:
@@ -34,21 +31,19 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    net = SEClassifier(args.backbone).to(memory_format=torch.channels_last).train()
+    x, y = synthetic(args.batch, args.size, channels_last=True)  # on make bench's device
+    net = SEClassifier(args.backbone).to(x.device, memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
-    shape = (args.batch, 3, args.size, args.size)
-    x = torch.randint(0, 256, shape, dtype=torch.uint8)
-    x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 2, (args.batch,)).float()
     bf16 = cpu_has_bf16()
 
     def step() -> float:
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = F.binary_cross_entropy_with_logits(net(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sync()
         return time.perf_counter() - start
 
     times: dict[bool, list[float]] = {False: [], True: []}
