@@ -31,7 +31,6 @@ TINY = [
     "data.num_workers=0",
     "trainer.accelerator=cpu",
     "trainer.max_epochs=1",
-    "callbacks.progress_bar=null",
     # float32, not the bf16 that trainer.precision=auto picks on bf16 hardware: tests compare
     # train's, eval's and predict's numbers exactly
     "trainer.precision=32-true",

@@ -8,14 +8,21 @@ global batch, and validation/test numbers equal to a one-device evaluation of th
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
+import pty
 import re
 import shutil
+import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,7 +35,7 @@ from omegaconf import OmegaConf
 from detector.data import ImageFolderDataModule, ShardSampler
 from detector.errors import ConfigError, DataError
 from detector.launch import check_launch, launcher_rank_is_zero, launcher_run_id
-from tests.conftest import ROOT, TINY, compose_config, run_script
+from tests.conftest import ROOT, TINY, compose_config, make_image_folder, run_script
 
 VAL_FRACTION = 0.23  # 48 train images -> 11 for validation: odd, so 2 ranks cannot split it evenly
 BATCH = 8
@@ -59,15 +66,98 @@ def odd_folder(image_folder, tmp_path_factory) -> Path:
     return root
 
 
+# A collective that one rank enters and another never reaches fails the run after this many
+# seconds (with its stack) instead of hanging the test suite; real runs wait 1800 s.
+DDP_TIMEOUT = 60
+
+
 def run_args(data_root: Path, *extra: str, epochs: int = EPOCHS) -> list[str]:
+    """The tests' fast settings with every default callback on (the progress bar too)."""
     return [
         *TINY,
         "data=imagefolder",
         f"data.root={data_root}",
         f"data.val_fraction={VAL_FRACTION}",
         f"trainer.max_epochs={epochs}",
+        f"ddp_timeout={DDP_TIMEOUT}",
         *extra,
     ]
+
+
+class Launched:
+    """A command started as a user starts it: stdout and stderr to files (nohup, SLURM, CI), or
+    both to a pseudo-terminal of 120 columns (an interactive shell; the rich progress bar draws).
+
+    It runs in a session of its own, so that the ranks it starts can be killed with it.
+    """
+
+    def __init__(self, command: list[str], cwd: Path, env: dict, tty: bool, name: str = "out"):
+        cwd.mkdir(parents=True, exist_ok=True)
+        self.tty = tty
+        self._chunks: list[bytes] = []
+        if tty:
+            master, slave = pty.openpty()
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+            streams = {"stdin": slave, "stdout": slave, "stderr": slave}
+        else:
+            self.out_file, self.err_file = cwd / f"{name}.stdout", cwd / f"{name}.stderr"
+            streams = {
+                "stdin": subprocess.DEVNULL,
+                "stdout": self.out_file.open("w"),
+                "stderr": self.err_file.open("w"),
+            }
+        self.proc = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True, **streams)
+        if tty:
+            os.close(slave)
+            self._reader = threading.Thread(target=self._drain, args=(master,), daemon=True)
+            self._reader.start()
+        else:
+            streams["stdout"].close()
+            streams["stderr"].close()
+
+    def _drain(self, fd: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # EIO: every process holding the terminal has closed it
+                break
+            if not data:
+                break
+            self._chunks.append(data)
+        os.close(fd)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def wait(self, timeout: float) -> tuple[int, str, str]:
+        """(exit code, stdout, stderr); under a terminal both are the terminal's text. A run
+        still going after ``timeout`` seconds is killed with its ranks and fails the test."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            tail = self.text()[1][-3000:]
+            raise AssertionError(f"still running after {timeout} s: {tail}") from None
+        if self.tty:
+            self._reader.join(timeout=30)
+        return self.proc.returncode, *self.text()
+
+    def text(self) -> tuple[str, str]:
+        if self.tty:
+            out = b"".join(self._chunks).decode(errors="replace")
+            return out, out
+        return self.out_file.read_text(), self.err_file.read_text()
+
+
+def launch(command: list[str], cwd: Path, tty: bool, timeout: float = 300, env=None):
+    """Run ``command`` to the end as :class:`Launched` does; returns (code, stdout, stderr)."""
+    run = Launched(command, cwd, env or clean_env(), tty)
+    try:
+        return run.wait(timeout)
+    finally:
+        run.kill()  # any rank left behind
 
 
 def free_port() -> int:
@@ -153,7 +243,9 @@ def assert_same_predictions(ours: Path, reference: Path) -> None:
         assert math.isclose(float(x["probability"]), float(y["probability"]), abs_tol=1e-6)
 
 
-def check_run(run: Path, data_root: Path, world: int, accumulate: int = 1) -> dict:
+def check_run(
+    run: Path, data_root: Path, world: int, accumulate: int = 1, batch: int = BATCH
+) -> dict:
     """The facts every multi-process run must show; returns the run's metrics.json."""
     # One set of checkpoints: the best one and last.ckpt.
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -170,9 +262,11 @@ def check_run(run: Path, data_root: Path, world: int, accumulate: int = 1) -> di
     assert {e.parent for e in events} == {run / "tensorboard"}
     assert len({e.name.split(".")[-2] for e in events}) == 1, [e.name for e in events]
     # The global batch is data.batch_size whatever the number of ranks: as many optimizer steps
-    # as on one device (drop_last: 37 // 8 = 4 batches per epoch).
+    # as on one device (drop_last: 37 // 8 = 4 batches per epoch; a training set smaller than
+    # one batch is one short batch).
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert last["global_step"] == EPOCHS * (n_train(data_root) // BATCH) // accumulate
+    batches = max(n_train(data_root) // batch, 1)
+    assert last["global_step"] == EPOCHS * batches // accumulate
     # Validation: one value per epoch in the stream, equal at the best epoch to a one-device
     # validation of the best checkpoint on the same split (each image once, none padded).
     values = scalars(run / "tensorboard")
@@ -349,45 +443,120 @@ def test_sync_batchnorm_on_cpu_processes_is_refused_early(tmp_path):
 # --- the real command line ------------------------------------------------------------------
 
 
-def test_ddp_two_cpu_ranks_one_run(odd_folder, tmp_path):
-    """``python train.py trainer=ddp trainer.accelerator=cpu trainer.devices=2`` with gradient
-    accumulation, then ``python eval.py ckpt=...`` on one device gives the same test numbers."""
-    accumulate = 2
-    result = run_script(
-        "train.py",
-        "trainer=ddp",
-        *run_args(odd_folder, "trainer.devices=2", f"trainer.accumulate_grad_batches={accumulate}"),
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = list((tmp_path / "logs" / "train" / "runs").iterdir())
+def eval_command(ckpt: Path, data_root: Path) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "eval.py"),
+        f"ckpt={ckpt}",
+        "data=imagefolder",
+        f"data.root={data_root}",
+        "data.num_workers=0",
+        "trainer.accelerator=cpu",
+    ]
+
+
+def the_run(cwd: Path) -> Path:
+    runs = list((cwd / "logs" / "train" / "runs").iterdir())
     assert len(runs) == 1, runs
-    run = runs[0]
+    return runs[0]
+
+
+def best_checkpoint(run: Path) -> Path:
+    (best,) = [p for p in (run / "checkpoints").iterdir() if p.name != "last.ckpt"]
+    return best
+
+
+def test_headline_command_ends_and_matches_one_device_eval(tmp_path):
+    """The README's ``python train.py trainer.devices=2`` as a new user runs it (issue #22):
+    the default model (ResNet50), config and callbacks, stdout and stderr in files. It once
+    hung for ever after the first epoch: the progress bar computed synced metrics on rank 0
+    only while rank 1 waited in another collective."""
+    data = make_image_folder(tmp_path / "data", n_train=64, n_test=32)
+    command = [sys.executable, str(ROOT / "train.py"), f"data.root={data}"]
+    command += ["data.image_size=32", "data.batch_size=32", "data.num_workers=0"]
+    command += ["trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.devices=2"]
+    command += ["trainer.strategy=ddp", f"ddp_timeout={DDP_TIMEOUT}"]
+    code, out, err = launch(command, tmp_path, tty=False, timeout=180)
+    assert code == 0, err[-3000:]
+    run = the_run(tmp_path)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert out.count("Best checkpoint:") == 1
+    code, _, err = launch(eval_command(best_checkpoint(run), data), tmp_path, tty=False)
+    assert code == 0, err[-3000:]
+    (eval_run,) = (tmp_path / "logs" / "eval" / "runs").iterdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert_same_report(metrics, json.loads((eval_run / "metrics.json").read_text()))
+    assert_same_predictions(run / "predictions.csv", eval_run / "predictions.csv")
+
+
+@pytest.mark.parametrize(
+    ("tty", "batch", "accumulate"),
+    [
+        (False, BATCH, 2),  # 4 full batches an epoch, accumulated by 2
+        (True, 48, 1),  # 37 images < one batch: each rank gets one short batch (19 of 24)
+    ],
+    ids=["stdout-file", "pty"],
+)
+def test_ddp_two_cpu_ranks_one_run(odd_folder, tmp_path, tty, batch, accumulate):
+    """``python train.py trainer=ddp_cpu`` with the default callbacks (progress bar on) and
+    uneven validation (6 + 5) and test (8 + 7) shards; then ``python eval.py ckpt=...`` on one
+    device gives the same test numbers."""
+    args = run_args(odd_folder, f"data.batch_size={batch}")
+    args += [f"trainer.accumulate_grad_batches={accumulate}"]
+    command = [sys.executable, str(ROOT / "train.py"), "trainer=ddp_cpu", *args]
+    code, out, err = launch(command, tmp_path, tty=tty)
+    assert code == 0, err[-3000:]
+    run = the_run(tmp_path)
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["train"]
     # Rank 0 is the process the user started: its pid names the folder and the event files.
     pid = run.name.rsplit("_", 1)[1]
     assert {e.name.split(".")[-2] for e in (run / "tensorboard").glob("events.*")} == {pid}
-    metrics = check_run(run, odd_folder, world=2, accumulate=accumulate)
+    metrics = check_run(run, odd_folder, world=2, accumulate=accumulate, batch=batch)
     # Printed once: the report and the closing lines come from rank 0 only.
-    assert result.stdout.count("Best checkpoint:") == 1
-    assert result.stdout.count("Confusion matrix") == 1
+    assert out.count("Best checkpoint:") == 1
+    assert out.count("Confusion matrix") == 1
+    if tty:
+        assert "Epoch 1/1" in out or "Epoch 1" in out  # the progress bar drew on the terminal
 
-    best = next(p for p in (run / "checkpoints").iterdir() if p.name != "last.ckpt")
-    evaluated = run_script(
-        "eval.py",
-        f"ckpt={best}",
-        "data=imagefolder",
-        f"data.root={odd_folder}",
-        "data.num_workers=0",
-        "trainer.accelerator=cpu",
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    code, _, err = launch(eval_command(best_checkpoint(run), odd_folder), tmp_path, tty=False)
+    assert code == 0, err[-3000:]
     (eval_run,) = (tmp_path / "logs" / "eval" / "runs").iterdir()
     assert_same_report(metrics, json.loads((eval_run / "metrics.json").read_text()))
     assert_same_predictions(run / "predictions.csv", eval_run / "predictions.csv")
+
+
+def test_a_rank_that_stops_answering_fails_the_run_within_the_timeout(odd_folder, tmp_path):
+    """The guard for the next collective that only some ranks reach: rank 1 stops at the end
+    of the first epoch; rank 0 gives up after ``ddp_timeout`` with the stack of the collective
+    it waited in, and takes rank 1 down with it."""
+    env = {**clean_env(), "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, str(ROOT / "train.py"), "trainer=ddp_cpu"]
+    command += run_args(odd_folder, "ddp_timeout=10", "test=false")
+    command += ["+callbacks.straggler._target_=tests.ddp_faults.Straggler"]
+    code, out, err = launch(command, tmp_path, tty=False, timeout=240, env=env)
+    assert code != 0, out[-2000:]
+    assert re.search(r"[Tt]imed? ?out", err), err[-3000:]
+    assert "Traceback" in err
+    assert not list(tmp_path.rglob("metrics.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tty", [False, True], ids=["stdout-file", "pty"])
+def test_ddp_resume_from_last_continues_the_run(odd_folder, tmp_path, tty):
+    """``ckpt_path=last`` under DDP: both ranks resolve the same last.ckpt, continue in the run
+    folder that wrote it, and end with as many steps as an uninterrupted run."""
+    base = [sys.executable, str(ROOT / "train.py"), "trainer=ddp_cpu"]
+    code, _, err = launch([*base, *run_args(odd_folder, epochs=1)], tmp_path, tty=tty)
+    assert code == 0, err[-3000:]
+    first = the_run(tmp_path)
+    code, out, err = launch([*base, *run_args(odd_folder, "ckpt_path=last")], tmp_path, tty=tty)
+    assert code == 0, err[-3000:]
+    assert f"training continues in {first}" in (out + err).replace("\r\n", "")
+    last = torch.load(first / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == EPOCHS - 1
+    assert last["global_step"] == EPOCHS * (n_train(odd_folder) // BATCH)
+    assert len(scalars(first / "tensorboard")["val/auroc"]) == EPOCHS
+    assert (first / "metrics.json").is_file()
 
 
 def test_multirun_sweeps_single_device_runs(image_folder, tmp_path):
@@ -418,29 +587,26 @@ def test_ddp_inside_multirun_fails_clearly(image_folder, tmp_path):
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
-def run_together(command: list[str], envs: list[dict], cwd: Path) -> list[tuple[str, str]]:
-    """Start one process per environment, wait for all (killing all on a hang or failure of the
-    test), and check that each exited 0; returns their (stdout, stderr)."""
-    procs = [
-        subprocess.Popen(
-            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for env in envs
-    ]
+def run_together(
+    command: list[str], envs: list[dict], cwd: Path, tty: bool
+) -> list[tuple[str, str]]:
+    """Start one process per environment (each on its own terminal with ``tty``), wait for all
+    (killing all on a hang or failure of the test), and check that each exited 0; returns their
+    (stdout, stderr)."""
+    runs = [Launched(command, cwd, env, tty, name=f"node{i}") for i, env in enumerate(envs)]
     try:
-        outputs = [p.communicate(timeout=600) for p in procs]
+        results = [run.wait(timeout=600) for run in runs]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    return outputs
+        for run in runs:
+            run.kill()
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    return [(out, err) for _, out, err in results]
 
 
 @pytest.mark.slow
-def test_torchrun_two_nodes_on_loopback(odd_folder, tmp_path):
+@pytest.mark.parametrize("tty", [False, True], ids=["stdout-file", "pty"])
+def test_torchrun_two_nodes_on_loopback(odd_folder, tmp_path, tty):
     """scripts/torchrun.sh on two "machines" (127.0.0.1, one CPU process each)."""
     port = free_port()
     envs = [
@@ -457,7 +623,7 @@ def test_torchrun_two_nodes_on_loopback(odd_folder, tmp_path):
         for node in (0, 1)
     ]
     command = ["bash", str(ROOT / "scripts" / "torchrun.sh"), *run_args(odd_folder)]
-    outputs = run_together(command, envs, tmp_path)
+    outputs = run_together(command, envs, tmp_path, tty)
     assert [p.name for p in (tmp_path / "logs" / "train" / "runs").iterdir()] == ["loopback"]
     run = tmp_path / "logs" / "train" / "runs" / "loopback"
     metrics = check_run(run, odd_folder, world=2)
@@ -478,7 +644,8 @@ def test_torchrun_two_nodes_on_loopback(odd_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_slurm_two_tasks_emulated(odd_folder, tmp_path):
+@pytest.mark.parametrize("tty", [False, True], ids=["stdout-file", "pty"])
+def test_slurm_two_tasks_emulated(odd_folder, tmp_path, tty):
     """What srun sets for 2 nodes x 1 task (scripts/slurm.sbatch's line, on CPU): Lightning's
     SLURMEnvironment, one folder slurm-<job>.<step>."""
     port = free_port()
@@ -501,7 +668,7 @@ def test_slurm_two_tasks_emulated(odd_folder, tmp_path):
     ]
     command = [sys.executable, str(ROOT / "train.py"), "trainer=ddp", "trainer.devices=1"]
     command += ["trainer.num_nodes=2", *run_args(odd_folder)]
-    outputs = run_together(command, envs, tmp_path)
+    outputs = run_together(command, envs, tmp_path, tty)
     assert [p.name for p in (tmp_path / "logs" / "train" / "runs").iterdir()] == ["slurm-4242.0"]
     check_run(tmp_path / "logs" / "train" / "runs" / "slurm-4242.0", odd_folder, world=2)
     assert outputs[0][0].count("Best checkpoint:") == 1 and "Best checkpoint:" not in outputs[1][0]

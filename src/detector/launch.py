@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -155,3 +156,19 @@ def gather_rows(trainer: L.Trainer, rows: torch.Tensor) -> torch.Tensor:
     padded[: len(rows)] = rows.to(device)
     gathered = strategy.all_gather(padded)  # (world, longest, ...)
     return torch.cat([gathered[r, :n] for r, n in enumerate(lengths)]).cpu()
+
+
+def set_collective_timeout(trainer: L.Trainer, seconds: float | None) -> None:
+    """How long a rank waits in one collective (``ddp_timeout``) before it fails with an error.
+
+    A rank that enters a collective its peers never reach would otherwise wait for torch's
+    default of 30 minutes (gloo) or for ever; with a timeout the run stops with the stack of the
+    collective that hung. DDP-style strategies read the value when ``fit`` creates the process
+    group; Lightning takes it only as a constructor argument, hence the attribute.
+    """
+    if seconds is None:
+        return
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
+        raise ConfigError(f"ddp_timeout={seconds!r} must be a number of seconds > 0")
+    if hasattr(trainer.strategy, "_timeout"):  # DDPStrategy, FSDPStrategy, DeepSpeedStrategy
+        trainer.strategy._timeout = timedelta(seconds=float(seconds))

@@ -167,13 +167,39 @@ class DetectorModule(L.LightningModule):
         probs = torch.sigmoid(logits)
         scores, labels = self._positive(probs, targets)
         metrics.update(scores, labels)
-        # Logging the Metric objects lets Lightning compute, sync across ranks and reset them
-        # at the end of each epoch.
-        self.log_dict(metrics, on_step=False, on_epoch=True)
-        mean_loss: MeanMetric = getattr(self, f"{stage}_loss")
-        mean_loss.update(loss.detach(), weight=len(targets))
-        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(targets))
         return loss, probs
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        """Compute the epoch's metrics here, on every rank, and log them as plain numbers.
+
+        Under DDP each ``compute`` is a collective (torchmetrics gathers every rank's state).
+        Logged as Metric objects, they would be computed lazily by whoever reads them first:
+        the progress bar does so on rank 0 only, while the other ranks have gone on to another
+        collective (a callback's), and both wait for ever. Computed in this hook, the
+        collectives run on every rank in the same order; the logged values are already global,
+        so reading them (progress bar, checkpoint, logger) never needs another rank.
+        """
+        metrics: MetricCollection = getattr(self, f"{stage}_metrics")
+        mean_loss: MeanMetric = getattr(self, f"{stage}_loss")
+        # Every rank has batches whenever one has (the samplers give each rank at least one
+        # image, or the data module refuses the split), so this test is the same on all ranks.
+        if not mean_loss.update_called:
+            return
+        values = {k: v.float() for k, v in metrics.compute().items()}
+        loss = mean_loss.compute().float()
+        metrics.reset()
+        mean_loss.reset()
+        if self.trainer.sanity_checking:
+            return
+        self.log_dict(values, on_step=False, on_epoch=True)
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage == "val")
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, _ = self._step(batch, self.train_metrics, "train")
@@ -191,6 +217,7 @@ class DetectorModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         """Refit the threshold on this pass's validation predictions (before ModelCheckpoint
         saves, in ``on_validation_end``, so the checkpoint of these weights holds it)."""
+        self._log_epoch_metrics("val")
         trainer = self.trainer
         if (
             self.hparams.threshold_rule == "fixed"
@@ -216,8 +243,8 @@ class DetectorModule(L.LightningModule):
             return
         self.hparams.threshold = threshold
         self.threshold_fit = {**info, "split": "val", "epoch": int(self.current_epoch)}
-        # The same value on every rank (all fitted on the gathered predictions).
-        self.log("val/threshold", threshold, on_epoch=True, sync_dist=True)
+        # The same value on every rank (all fitted on the gathered predictions): no sync.
+        self.log("val/threshold", threshold, on_epoch=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["threshold_fit"] = self.threshold_fit

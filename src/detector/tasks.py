@@ -31,7 +31,13 @@ from detector.checkpoint import (  # noqa: F401  (load_checkpoint: predict/expor
 )
 from detector.data import ImageDataset, ImageFolderDataModule, load_image
 from detector.errors import ConfigError
-from detector.launch import check_launch, gather_rows, keep_files_to_rank_zero, launch_rank
+from detector.launch import (
+    check_launch,
+    gather_rows,
+    keep_files_to_rank_zero,
+    launch_rank,
+    set_collective_timeout,
+)
 from detector.metrics import ranking_metrics, threshold_metrics
 from detector.module import DetectorModule
 from detector.report import (
@@ -77,7 +83,9 @@ def _instantiate_trainer(cfg: DictConfig, output_dir: Path, **overrides) -> L.Tr
         kwargs["precision"] = resolve_precision(
             cfg.trainer.get("precision"), kwargs.get("accelerator", cfg.trainer.get("accelerator"))
         )
-    return hydra.utils.instantiate(cfg.trainer, **kwargs)
+    trainer = hydra.utils.instantiate(cfg.trainer, **kwargs)
+    set_collective_timeout(trainer, cfg.get("ddp_timeout"))
+    return trainer
 
 
 def _instantiate_loggers(cfg: DictConfig) -> list:
