@@ -43,7 +43,7 @@ bench: install  ## images/s of every path vs the bare-PyTorch limit -> bench/res
 	$(BIN)/python bench/run.py --means $(ARGS)
 
 demo-data: install
-	$(BIN)/python -m detector.demo data/demo
+	$(BIN)/python -m detector.data.demo data/demo
 
 clean:
 	rm -rf logs outputs multirun .pytest_cache .ruff_cache

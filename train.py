@@ -4,7 +4,10 @@ import hydra
 from omegaconf import DictConfig
 
 from detector.cli import run
-from detector.tasks import train
+from detector.config import register_resolvers
+from detector.tasks.train import train
+
+register_resolvers()  # before Hydra composes the config
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

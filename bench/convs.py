@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from run import sync, synthetic  # bench/run.py: make bench's device, batches and sync
 
+from detector.hardware import cpu_has_bf16
 from detector.matmul_conv import set_matmul_convs
 from detector.model import SEClassifier
-from detector.speed import cpu_has_bf16
 
 
 def main() -> None:

@@ -48,15 +48,16 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
-import detector.cli  # noqa: F401  (registers the config resolvers)
-from detector.checkpoint import training_callbacks
-from detector.preprocess import prepare_batch
-from detector.speed import resolve_precision
-from detector.tasks import _instantiate_trainer
+from detector.callbacks import training_callbacks
+from detector.config import register_resolvers
+from detector.data.preprocess import prepare_batch
+from detector.hardware import resolve_precision
+from detector.tasks.trainer import build_trainer
 
 log = logging.getLogger("bench")
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+register_resolvers()
 
 # Per size: the configs a user would run, and how many timed steps each measurement takes
 # (after warm-up steps that are not timed). ResNet50 at 224 px on a few CPU cores takes seconds
@@ -208,7 +209,7 @@ def train_path(cfg: DictConfig, out: Path, steps: int, warmup: int) -> float:
         for c in (cfg.get("callbacks") or {}).values()
         if c and "ModelCheckpoint" not in c.get("_target_", "")
     ]
-    trainer = _instantiate_trainer(
+    trainer = build_trainer(
         cfg,
         out,
         callbacks=[timer, *callbacks, *training_callbacks()],
@@ -234,7 +235,7 @@ def eval_path(cfg_eval: DictConfig, cfg: DictConfig, out: Path, steps: int, warm
     datamodule.setup("test")
     model = build_model(cfg)
     timer = StepTimer()
-    trainer = _instantiate_trainer(
+    trainer = build_trainer(
         cfg_eval,
         out,
         devices=1,
@@ -745,7 +746,7 @@ def main(argv: list[str] | None = None) -> dict:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     if args.data is None and not (ROOT / "data" / "cifake" / "train").is_dir():
-        from detector.demo import ensure_demo
+        from detector.data.demo import ensure_demo
 
         demo = ROOT / "data" / "demo"
         ensure_demo(demo)

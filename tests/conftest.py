@@ -18,10 +18,11 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-import detector.cli  # noqa: F401  (registers the ${pid:} resolver)
+from detector.config import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+register_resolvers()
 
 # Fast settings for any run in tests.
 TINY = [
@@ -83,7 +84,7 @@ def trained_run(image_folder, tmp_path_factory) -> dict:
 
     Returns the run folder, the best checkpoint and the metrics ``train`` returned.
     """
-    from detector.tasks import train
+    from detector.tasks.train import train
 
     out = tmp_path_factory.mktemp("trained")
     cfg = compose_config(

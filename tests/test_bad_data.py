@@ -20,10 +20,11 @@ import PIL.ImageFile
 import pytest
 from PIL import Image
 
-import detector.scan as scan
-from detector.data import ImageFolderDataModule, load_image
+import detector.data.scan as scan
+from detector.data.datamodule import ImageFolderDataModule
+from detector.data.decode import decode_image, load_image
+from detector.data.scan import check_file, scan_folder
 from detector.errors import DataError
-from detector.scan import check_file, decode_image, scan_folder
 from tests.conftest import TINY, compose_config, make_image_folder
 
 BOMB_SIDE = (10_000, 9_000)  # 90 M pixels: just over PIL's limit, where PIL only warns
@@ -220,7 +221,7 @@ def test_decompression_bomb_is_refused_from_its_header(bad_root, monkeypatch):
 
 
 def test_training_skips_bad_files_reports_them_and_completes(bad_root, tmp_path, caplog):
-    from detector.tasks import train
+    from detector.tasks.train import train
 
     out = tmp_path / "run"
     cfg = compose_config("train", out, [*TINY, "data=imagefolder", f"data.root={bad_root}"])
@@ -240,7 +241,7 @@ def test_training_skips_bad_files_reports_them_and_completes(bad_root, tmp_path,
 
 
 def test_strict_turns_bad_files_into_an_error_before_training(bad_root, tmp_path):
-    from detector.tasks import train
+    from detector.tasks.train import train
 
     out = tmp_path / "run"
     cfg = compose_config(

@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 from omegaconf import OmegaConf
 
-from detector.data import ImageFolderDataModule
+from detector.data.datamodule import ImageFolderDataModule
 from detector.module import DetectorModule
 from tests.conftest import CONF, compose_config
 

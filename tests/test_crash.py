@@ -19,7 +19,8 @@ from detector.checkpoint import AtomicCheckpointIO, load_checkpoint
 from detector.cli import run
 from detector.errors import CheckpointError
 from detector.module import DetectorModule
-from detector.tasks import evaluate, train
+from detector.tasks.evaluate import evaluate
+from detector.tasks.train import train
 from tests.conftest import ROOT, TINY, compose_config, make_image_folder
 
 
@@ -113,8 +114,8 @@ def test_bad_checkpoints_get_one_clear_error(kind, bad_ckpts):
 def test_eval_predict_and_export_refuse_bad_checkpoints(
     task_name, kind, bad_ckpts, trained_run, tmp_path, capsys
 ):
-    from detector.export import export
-    from detector.inference import predict
+    from detector.tasks.export import export
+    from detector.tasks.predict import predict
 
     path, expected = bad_ckpts[kind]
     image = next((trained_run["data"] / "test" / "REAL").iterdir())

@@ -3,7 +3,8 @@ import shutil
 import pytest
 import torch
 
-from detector.data import ImageFolderDataModule, find_classes, list_images, split_indices
+from detector.data.datamodule import ImageFolderDataModule
+from detector.data.folders import find_classes, list_images, split_indices
 from detector.errors import ConfigError, DataError
 
 

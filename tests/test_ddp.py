@@ -32,9 +32,10 @@ import torch
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from detector.data import ImageFolderDataModule, ShardSampler
+from detector.data.datamodule import ImageFolderDataModule
+from detector.data.datasets import ShardSampler
+from detector.distributed import check_launch, launcher_rank_is_zero, launcher_run_id
 from detector.errors import ConfigError, DataError
-from detector.launch import check_launch, launcher_rank_is_zero, launcher_run_id
 from tests.conftest import ROOT, TINY, compose_config, make_image_folder, run_script
 
 VAL_FRACTION = 0.23  # 48 train images -> 11 for validation: odd, so 2 ranks cannot split it evenly
@@ -194,7 +195,7 @@ def scalars(tb_dir: Path) -> dict[str, list[float]]:
 
 def one_device_validate(ckpt: Path, data_root: Path) -> dict[str, float]:
     """val/* of a checkpoint on one device, on the same seeded split."""
-    from detector.tasks import load_checkpoint
+    from detector.checkpoint import load_checkpoint
 
     model = load_checkpoint(ckpt)
     dm = ImageFolderDataModule(
@@ -630,7 +631,7 @@ def test_torchrun_two_nodes_on_loopback(odd_folder, tmp_path, tty):
     assert outputs[0][0].count("Best checkpoint:") == 1
     assert "Best checkpoint:" not in outputs[1][0]  # node 1 prints nothing of its own
 
-    from detector.tasks import evaluate
+    from detector.tasks.evaluate import evaluate
 
     best = next(p for p in (run / "checkpoints").iterdir() if p.name != "last.ckpt")
     cfg = compose_config(

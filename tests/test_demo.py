@@ -1,4 +1,4 @@
-"""Tests for the embedded demo data set (detector.demo).
+"""Tests for the embedded demo data set (detector.data.demo).
 
 Fast tests shrink the generator's training schedule (a few steps instead of hundreds): they
 check the folder contract (layout, format, stamp, reuse, rebuild, refusal), not image quality.
@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from detector import demo
+from detector.data import demo, synthesis
 from tests.conftest import run_script
 
 SMALL = {"train_per_class": 12, "test_per_class": 4}
@@ -27,8 +27,8 @@ SMALL = {"train_per_class": 12, "test_per_class": 4}
 @pytest.fixture
 def quick(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiny generator schedule so a build takes about a second."""
-    monkeypatch.setattr(demo, "_TRAIN_STEPS", 8)
-    monkeypatch.setattr(demo, "_GEN_TRAIN_CROPS", 64)
+    monkeypatch.setattr(demo, "TRAIN_STEPS", 8)
+    monkeypatch.setattr(demo, "GEN_TRAIN_CROPS", 64)
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -144,7 +144,7 @@ def test_interrupted_build_leaves_nothing_usable(
     tmp_path: Path, quick: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = {"n": 0}
-    save = demo._save_jpeg
+    save = demo.save_jpeg
 
     def flaky_save(arr: np.ndarray, path: Path) -> None:
         calls["n"] += 1
@@ -152,12 +152,12 @@ def test_interrupted_build_leaves_nothing_usable(
             raise KeyboardInterrupt
         save(arr, path)
 
-    monkeypatch.setattr(demo, "_save_jpeg", flaky_save)
+    monkeypatch.setattr(demo, "save_jpeg", flaky_save)
     with pytest.raises(KeyboardInterrupt):
         demo.make_demo(tmp_path / "demo", progress=False, **SMALL)
     assert list(tmp_path.iterdir()) == []
 
-    monkeypatch.setattr(demo, "_save_jpeg", save)
+    monkeypatch.setattr(demo, "save_jpeg", save)
     out = demo.ensure_demo(tmp_path / "demo", progress=False, **SMALL)
     assert len(list((out / "test" / "FAKE").iterdir())) == 4
 
@@ -167,7 +167,7 @@ def test_stale_leftovers_of_killed_builds_are_removed(tmp_path: Path, quick: Non
     for folder in (old_tmp, live_tmp, other):
         (folder / "train").mkdir(parents=True)
     for folder in (old_tmp, other):
-        os.utime(folder, (time.time() - 2 * demo._STALE_S,) * 2)
+        os.utime(folder, (time.time() - 2 * demo.STALE_SECONDS,) * 2)
     demo.make_demo(tmp_path / "demo", progress=False, **SMALL)
     assert not old_tmp.exists()
     assert live_tmp.exists() and other.exists()
@@ -183,9 +183,9 @@ def test_cli(tmp_path: Path, quick: None, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_sources_are_documented_and_load_offline() -> None:
-    images = demo._load_sources()
-    assert len(images) == len(demo.SOURCES)
-    for (name, weight, licence), img in zip(demo.SOURCES, images, strict=True):
+    images = synthesis.load_sources()
+    assert len(images) == len(synthesis.SOURCES)
+    for (name, weight, licence), img in zip(synthesis.SOURCES, images, strict=True):
         assert weight > 0 and licence, name
         assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
         assert min(img.shape[:2]) >= 256, name

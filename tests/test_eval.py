@@ -16,19 +16,20 @@ import pytest
 import torch
 from PIL import Image
 
-from detector.augment import Degradation, RandomBlurJPEG, blur, jpeg, noise, resize
-from detector.data import ImageFolderDataModule
+from detector.data.augment import Degradation, RandomBlurJPEG, blur, jpeg, noise, resize
+from detector.data.datamodule import ImageFolderDataModule
 from detector.errors import ConfigError, DataError
-from detector.metrics import fit_threshold
+from detector.evaluation.metrics import fit_threshold
 from detector.module import DetectorModule
-from detector.tasks import evaluate, train
+from detector.tasks.evaluate import evaluate
+from detector.tasks.train import train
 from tests.conftest import TINY, compose_config, make_image_folder, run_script
 
 EVAL = ["data=imagefolder", "data.num_workers=0", "trainer.accelerator=cpu"]
 
 
 def _probs_on(model: DetectorModule, samples, image_size: int) -> torch.Tensor:
-    from detector.data import load_image
+    from detector.data.decode import load_image
 
     model.eval()
     with torch.inference_mode():

@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from detector.checkpoint import load_checkpoint
-from detector.data import load_image
+from detector.data.decode import load_image
 from detector.errors import ConfigError
-from detector.explain import explain_figure, explain_maps, gradcam_layer
+from detector.tasks.explain import explain_figure, explain_maps, gradcam_layer
 from tests.conftest import run_script
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from detector import Detector
-from detector.data import load_image
+from detector.data.decode import load_image
 from detector.errors import CheckpointError, ConfigError
-from detector.export import export, run_exported
+from detector.tasks.export import export, run_exported
 from tests.conftest import compose_config, run_script
 
 

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from detector.metrics import (
+from detector.evaluation.metrics import (
     bootstrap_ci,
     bootstrap_samples,
     fit_threshold,
@@ -13,7 +13,7 @@ from detector.metrics import (
     reliability_bins,
     threshold_metrics,
 )
-from detector.report import evaluation_report, format_report, most_confident
+from detector.evaluation.report import evaluation_report, format_report, most_confident
 
 # Four REAL (class 1) and two FAKE (class 0). At 0.5: REAL 0.9, 0.8, 0.7 right, 0.4 wrong;
 # FAKE 0.6 wrong, 0.1 right. TP=3 FN=1 FP=1 TN=1 with REAL positive.

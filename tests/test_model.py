@@ -61,7 +61,7 @@ def test_pretrained_without_network_or_file_fails_fast_naming_both_options(monke
     import time
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("detector.model._hub_reachable", lambda *a, **k: False)
+    monkeypatch.setattr("detector.weights._hub_reachable", lambda *a, **k: False)
     start = time.monotonic()
     with pytest.raises(ConfigError) as info:
         SEClassifier("test_resnet", pretrained=True)

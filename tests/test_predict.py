@@ -12,10 +12,11 @@ from PIL import Image
 
 from detector import Detector
 from detector.checkpoint import load_checkpoint
-from detector.data import load_image
+from detector.data.decode import load_image
 from detector.errors import CheckpointError, ConfigError, DataError
-from detector.inference import predict, resolve_inputs
-from detector.tasks import evaluate
+from detector.tasks.evaluate import evaluate
+from detector.tasks.inputs import resolve_inputs
+from detector.tasks.predict import predict
 from tests.conftest import compose_config, run_script
 
 

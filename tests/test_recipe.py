@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from detector.augment import random_shift
 from detector.callbacks import EMA
-from detector.data import ImageFolderDataModule
+from detector.data.augment import random_shift
+from detector.data.datamodule import ImageFolderDataModule
 from detector.errors import ConfigError
-from detector.tasks import evaluate, train
+from detector.tasks.evaluate import evaluate
+from detector.tasks.train import train
 from tests.conftest import TINY, compose_config
 
 

@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from detector.cli import run
-from detector.tasks import _check_settings, evaluate, train
+from detector.config import check_train_settings
+from detector.tasks.evaluate import evaluate
+from detector.tasks.train import train
 from tests.conftest import TINY, compose_config, run_script
 
 
@@ -181,13 +183,13 @@ def test_unvalidated_last_epochs_are_warned_about(data, tmp_path, caplog):
     cfg = _train_cfg(
         tmp_path / "run", data, "trainer.max_epochs=5", "trainer.check_val_every_n_epoch=2"
     )
-    with caplog.at_level(logging.WARNING, logger="detector.tasks"):
-        _check_settings(cfg)
+    with caplog.at_level(logging.WARNING, logger="detector.config"):
+        check_train_settings(cfg)
     assert "the last 1 epoch(s) are trained but never validated" in caplog.text
     caplog.clear()
     cfg = _train_cfg(
         tmp_path / "run", data, "trainer.max_epochs=6", "trainer.check_val_every_n_epoch=2"
     )
-    with caplog.at_level(logging.WARNING, logger="detector.tasks"):
-        _check_settings(cfg)
+    with caplog.at_level(logging.WARNING, logger="detector.config"):
+        check_train_settings(cfg)
     assert "never validated" not in caplog.text

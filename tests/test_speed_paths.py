@@ -14,14 +14,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from detector import cache as cache_mod
-from detector import loading, speed
-from detector.cache import CachedImageDataset
-from detector.data import ImageDataset, ImageFolderDataModule, pil_to_input
+from detector import hardware
+from detector.data import cache as cache_mod
+from detector.data import decode
+from detector.data.cache import CachedImageDataset
+from detector.data.datamodule import ImageFolderDataModule
+from detector.data.datasets import BatchedImageDataset, ImageDataset, collate
+from detector.data.decode import jpeg_header, pil_to_input
+from detector.data.preprocess import PIL_TOLERANCE, prepare_batch, resize_batch
 from detector.errors import ConfigError
-from detector.loading import BatchedImageDataset, collate, jpeg_header
 from detector.module import DetectorModule
-from detector.preprocess import PIL_TOLERANCE, prepare_batch, resize_batch
 from tests.conftest import TINY, compose_config
 
 RNG = np.random.default_rng(0)
@@ -173,20 +175,20 @@ def test_batched_loader_gives_the_pil_paths_pixels_for_every_kind_of_file(mixed_
         assert torch.equal(images[i], expected), mixed_folder[i][0]
         assert labels[i].item() == label
     # The fast decoder did take the plain JPEGs, and checked itself against PIL once.
-    assert loading._FAST_DECODE_OK is True
-    assert loading.fast_decode(mixed_folder[0][0], 32, 10**8) is not None
+    assert decode._FAST_DECODE_OK is True
+    assert decode.fast_decode(mixed_folder[0][0], 32, 10**8) is not None
     for name in ("png.png", "larger.jpg", "rotated.jpg", "cmyk.jpg"):
         path = next(p for p, _ in mixed_folder if p.endswith(name))
-        assert loading.fast_decode(path, 32, 10**8) is None, name
+        assert decode.fast_decode(path, 32, 10**8) is None, name
 
 
 def test_a_decoder_that_disagrees_with_pil_is_dropped(mixed_folder, monkeypatch, caplog):
-    monkeypatch.setattr(loading, "_FAST_DECODE_OK", None)
-    real = loading._decode_jpeg
-    monkeypatch.setattr(loading, "_decode_jpeg", lambda data, mode: real(data, mode=mode) // 2)
-    with caplog.at_level(logging.WARNING, logger="detector.loading"):
-        assert loading.fast_decode(mixed_folder[0][0], 32, 10**8) is None
-    assert "disagree" in caplog.text and loading._FAST_DECODE_OK is False
+    monkeypatch.setattr(decode, "_FAST_DECODE_OK", None)
+    real = decode._decode_jpeg
+    monkeypatch.setattr(decode, "_decode_jpeg", lambda data, mode: real(data, mode=mode) // 2)
+    with caplog.at_level(logging.WARNING, logger="detector.data.decode"):
+        assert decode.fast_decode(mixed_folder[0][0], 32, 10**8) is None
+    assert "disagree" in caplog.text and decode._FAST_DECODE_OK is False
     images, _ = collate(BatchedImageDataset(mixed_folder[:3], 32).__getitems__([0, 1, 2]))
     assert torch.equal(images[0], ImageDataset(mixed_folder, 32)[0][0])
 
@@ -270,7 +272,7 @@ def test_cache_substitutes_undecodable_rows_and_refuses_pil_augmentation(mixed_f
     with pytest.raises(ConfigError, match="data.cache=true.*blur_prob"):
         CachedImageDataset(samples, 32, transform=lambda im: im, cache_dir=tmp_path / "c")
     # Through the data module: an augmented training split just goes uncached.
-    augmented = loading.make_dataset(
+    augmented = cache_mod.make_dataset(
         samples, 32, transform=lambda im: im, max_pixels=10**8, cache=True, cache_dir=tmp_path
     )
     assert type(augmented) is BatchedImageDataset
@@ -328,9 +330,9 @@ def test_eval_resizing_on_the_device_gives_predicts_probabilities(
     trained_run, folder_24px, tmp_path
 ):
     """Checkpoint at 32 px, images of 24 px: eval decodes at 24 and resizes batches on the
-    device; predict resizes each image with PIL. Same probabilities (docs/speed.md)."""
-    from detector.inference import predict
-    from detector.tasks import evaluate
+    device; predict resizes each image with PIL. Same probabilities (docs/hardware.md)."""
+    from detector.tasks.evaluate import evaluate
+    from detector.tasks.predict import predict
 
     common = [f"ckpt={trained_run['ckpt']}", "trainer.accelerator=cpu"]
     eval_cfg = compose_config(
@@ -367,7 +369,7 @@ def test_eval_resizing_on_the_device_gives_predicts_probabilities(
 
 
 def test_training_with_device_resizing_channels_last_and_bf16_runs(image_folder, tmp_path):
-    from detector.tasks import train
+    from detector.tasks.train import train
 
     cfg = compose_config(
         "train",
@@ -393,55 +395,55 @@ def test_training_with_device_resizing_channels_last_and_bf16_runs(image_folder,
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch):
-    monkeypatch.setattr(speed, "cpu_has_bf16", lambda: True)
-    monkeypatch.setattr(speed.torch.cuda, "is_available", lambda: False)
-    assert speed.resolve_precision("auto", "cpu") == "bf16-mixed"
-    assert speed.resolve_precision(None, "auto") == "bf16-mixed"
-    monkeypatch.setattr(speed, "cpu_has_bf16", lambda: False)
-    assert speed.resolve_precision("auto", "cpu") == "32-true"
-    assert speed.resolve_precision("auto", "mps") == "32-true"
-    assert speed.resolve_precision("16-mixed", "cpu") == "16-mixed"
-    monkeypatch.setattr(speed.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(speed, "cuda_has_bf16", lambda: False)
-    assert speed.resolve_precision("AUTO", "gpu") == "32-true"
-    monkeypatch.setattr(speed, "cuda_has_bf16", lambda: True)
-    assert speed.resolve_precision("auto", "auto") == "bf16-mixed"
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: False)
+    assert hardware.resolve_precision("auto", "cpu") == "bf16-mixed"
+    assert hardware.resolve_precision(None, "auto") == "bf16-mixed"
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: False)
+    assert hardware.resolve_precision("auto", "cpu") == "32-true"
+    assert hardware.resolve_precision("auto", "mps") == "32-true"
+    assert hardware.resolve_precision("16-mixed", "cpu") == "16-mixed"
+    monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(hardware, "cuda_has_bf16", lambda: False)
+    assert hardware.resolve_precision("AUTO", "gpu") == "32-true"
+    monkeypatch.setattr(hardware, "cuda_has_bf16", lambda: True)
+    assert hardware.resolve_precision("auto", "auto") == "bf16-mixed"
     with pytest.raises(ConfigError, match="trainer.precision"):
-        speed.resolve_precision(" ", "cpu")
+        hardware.resolve_precision(" ", "cpu")
 
 
 def test_config_default_precision_is_resolved_from_the_hardware(tmp_path, monkeypatch):
-    monkeypatch.setattr(speed.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: False)
     for has_bf16, expected in ((True, "bf16-mixed"), (False, "32-true")):
-        monkeypatch.setattr(speed, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
+        monkeypatch.setattr(hardware, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
         assert compose_config("train", tmp_path).trainer.precision == expected
         assert compose_config("eval", tmp_path).trainer.precision == "32-true"  # = predict
 
 
 def test_loader_workers_default_to_none_on_the_cpu_and_some_per_gpu(tmp_path, monkeypatch):
-    monkeypatch.setattr(speed.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: False)
     assert compose_config("train", tmp_path).data.num_workers == 0
     assert compose_config("train", tmp_path, ["data.num_workers=3"]).data.num_workers == 3
-    assert speed.auto_workers("cpu") == speed.auto_workers("auto") == 0
-    monkeypatch.setattr(speed.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(speed.torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(speed.os, "cpu_count", lambda: 32)
-    assert speed.auto_workers("auto") == speed.auto_workers("gpu") == 8
-    assert speed.auto_workers("cpu") == 0
-    monkeypatch.setattr(speed.os, "cpu_count", lambda: 6)
-    assert speed.auto_workers("gpu") == 3
+    assert hardware.auto_workers("cpu") == hardware.auto_workers("auto") == 0
+    monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(hardware.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 32)
+    assert hardware.auto_workers("auto") == hardware.auto_workers("gpu") == 8
+    assert hardware.auto_workers("cpu") == 0
+    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 6)
+    assert hardware.auto_workers("gpu") == 3
     assert compose_config("train", tmp_path, ["trainer=gpu"]).data.num_workers == 3
 
 
 def test_trainer_gets_the_resolved_precision(tmp_path, monkeypatch):
-    from detector.tasks import _instantiate_trainer
+    from detector.tasks.trainer import build_trainer
 
-    monkeypatch.setattr(speed, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: False)
     cfg = compose_config("train", tmp_path, [*TINY, "trainer.precision=auto"])
-    trainer = _instantiate_trainer(cfg, tmp_path, logger=False, callbacks=[])
+    trainer = build_trainer(cfg, tmp_path, logger=False, callbacks=[])
     assert trainer.precision == "32-true"
-    monkeypatch.setattr(speed, "cpu_has_bf16", lambda: True)
-    trainer = _instantiate_trainer(cfg, tmp_path, logger=False, callbacks=[])
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: True)
+    trainer = build_trainer(cfg, tmp_path, logger=False, callbacks=[])
     assert trainer.precision == "bf16-mixed"
 
 

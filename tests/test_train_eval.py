@@ -10,7 +10,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from detector.module import DetectorModule
-from detector.tasks import evaluate
+from detector.tasks.evaluate import evaluate
 from tests.conftest import ROOT, TINY, compose_config, run_script
 
 

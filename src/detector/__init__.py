@@ -9,7 +9,7 @@ def __getattr__(name: str):
     # Lazy, so that `import detector` (and every `detector.x` submodule import) stays cheap and
     # does not pull in torch/Lightning until the API is used.
     if name == "Detector":
-        from detector.inference import Detector
+        from detector.api import Detector  # deferred: torch, only when the API is used
 
         return Detector
     raise AttributeError(f"module 'detector' has no attribute {name!r}")

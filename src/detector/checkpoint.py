@@ -6,11 +6,10 @@
   where one would be added.
 * Saving: :class:`AtomicCheckpointIO` writes to a temporary file beside the target and renames
   it, so a crash or a full disk mid-save leaves the previous ``last.ckpt`` whole.
-* Resuming: ``ckpt_path=last`` finds the newest ``last.ckpt`` of earlier runs of the same task,
-  and :class:`ResumeRandomState` carries the random generators across, so that a resumed run
-  ends where an uninterrupted one would.
-* :class:`FiniteLossGuard` stops a run at the first non-finite loss, before it reaches the
-  weights, so the checkpoints on disk stay the last good ones.
+* Resuming: ``ckpt_path=last`` finds the newest ``last.ckpt`` of earlier runs of the same task
+  (the callbacks :class:`~detector.callbacks.ResumeRandomState` and
+  :class:`~detector.callbacks.FiniteLossGuard` carry the random generators across and keep the
+  checkpoints on disk the last good ones).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import inspect
 import logging
 import os
 import pickle
-import random
 import re
 import tempfile
 import warnings
@@ -28,13 +26,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import lightning as L
-import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from detector.errors import CheckpointError, DetectorError
-from detector.scan import FILE_MODE
+from detector.files import FILE_MODE, first_line
+from detector.module import DetectorModule
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +44,12 @@ NOT_OURS = "not a checkpoint of this detector"
 RESUME_KEYS = ("state_dict", "optimizer_states", "loops", "epoch", "global_step")
 
 
-class NonFiniteLossError(DetectorError):
-    """The loss became NaN or infinite: training stopped before it reached the weights."""
-
-
 @contextlib.contextmanager
 def safe_loading() -> Iterator[None]:
     """Lightning's own ``torch.load`` calls (resume, ``test(ckpt_path=...)``) see the same
     allow-list as :func:`load_checkpoint_file`."""
     with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
         yield
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_checkpoint_file(
@@ -97,12 +85,12 @@ def load_checkpoint_file(
         detail = re.search(r"(Unsupported operand \d+|invalid load key.*)", str(e))
         raise CheckpointError(
             f"{setting}={path}: {NOT_OURS} (not a PyTorch file, or a damaged one: "
-            f"{detail.group(1) if detail else _first_line(e)})"
+            f"{detail.group(1) if detail else first_line(e)})"
         ) from None
     except Exception as e:  # torch raises RuntimeError, EOFError, KeyError... on foreign files
         raise CheckpointError(
             f"{setting}={path}: {NOT_OURS} (not a PyTorch file, or a damaged one: "
-            f"{type(e).__name__}: {_first_line(e)})"
+            f"{type(e).__name__}: {first_line(e)})"
         ) from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(
@@ -156,8 +144,6 @@ def load_checkpoint(path: str | Path | None, map_location: str = "cpu"):
     Used by eval, predict and export, so all three accept and refuse the same files. This is
     ``DetectorModule.load_from_checkpoint`` from a dict that was read once, safely.
     """
-    from detector.module import DetectorModule
-
     checkpoint = load_checkpoint_file(path, map_location)
     path = Path(path).expanduser()
     _check_is_detector(checkpoint, path, "ckpt")
@@ -169,7 +155,7 @@ def load_checkpoint(path: str | Path | None, map_location: str = "cpu"):
         raise CheckpointError(f"ckpt={path}: its settings are not valid here ({e})") from None
     except Exception as e:
         raise CheckpointError(
-            f"ckpt={path}: a checkpoint of another model ({type(e).__name__}: {_first_line(e)})"
+            f"ckpt={path}: a checkpoint of another model ({type(e).__name__}: {first_line(e)})"
         ) from None
     _compare_state(model, checkpoint["state_dict"], path, "ckpt")
     model.on_load_checkpoint(checkpoint)
@@ -270,88 +256,3 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-class ResumeRandomState(L.Callback):
-    """Saves the torch, numpy and Python random generators with each checkpoint and restores
-    them on resume, so shuffling, flips and dropout continue as if the run never stopped.
-
-    Lightning restores callbacks just before the first training dataloader is iterated, which is
-    where an uninterrupted run is when it writes the end-of-epoch checkpoint.
-    """
-
-    def state_dict(self) -> dict[str, Any]:
-        np_state = np.random.get_state()
-        version, internal, gauss = random.getstate()
-        state = {
-            "torch": torch.get_rng_state(),
-            "numpy": [np_state[0], np_state[1].tolist(), *[float(x) for x in np_state[2:]]],
-            "python": [version, list(internal), gauss],
-        }
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        torch.set_rng_state(state_dict["torch"])
-        name, keys, pos, has_gauss, cached = state_dict["numpy"]
-        np.random.set_state(
-            (name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), cached)
-        )
-        version, internal, gauss = state_dict["python"]
-        random.setstate((version, tuple(internal), gauss))
-        if "cuda" in state_dict and torch.cuda.is_available():
-            with contextlib.suppress(RuntimeError):
-                torch.cuda.set_rng_state_all(state_dict["cuda"])
-
-
-class FiniteLossGuard(L.Callback):
-    """Stops training at the first NaN/inf loss, before backward, so no weight is touched, and
-    refuses to let a checkpoint be written from weights that are no longer finite."""
-
-    def on_before_backward(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
-    ) -> None:
-        bad = not bool(torch.isfinite(loss.detach()).all())
-        # Every rank stops together (one rank raising alone would leave the others waiting).
-        if trainer.strategy.reduce_boolean_decision(bad, all=False):
-            value = loss.detach().float().mean().item()
-            raise NonFiniteLossError(
-                f"training stopped: the training loss is {value} at epoch "
-                f"{trainer.current_epoch}, step {trainer.global_step}; no weight was updated "
-                f"with it. {_last_good(trainer)} Lower model.optimizer.lr or look for broken "
-                "images or labels, then resume with ckpt_path=last or start again"
-            )
-
-    def _check_weights(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        bad = [n for n, p in pl_module.named_parameters() if not bool(torch.isfinite(p).all())]
-        if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
-            raise NonFiniteLossError(
-                f"training stopped: weights became NaN/inf at epoch {trainer.current_epoch} "
-                f"({', '.join(bad[:3]) or 'on another rank'}); this epoch was not saved. "
-                f"{_last_good(trainer)} Lower model.optimizer.lr or set trainer.gradient_clip_val"
-            )
-
-    # Before validation (whose metrics and threshold fit would choke on NaN outputs) and at the
-    # end of a training epoch; both run before ModelCheckpoint's hooks, which Lightning calls last.
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            self._check_weights(trainer, pl_module)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._check_weights(trainer, pl_module)
-
-
-def _last_good(trainer: L.Trainer) -> str:
-    for callback in trainer.checkpoint_callbacks:
-        dirpath = getattr(callback, "dirpath", None)
-        if dirpath and (Path(dirpath) / "last.ckpt").is_file():
-            return f"The last good checkpoint is {Path(dirpath) / 'last.ckpt'}."
-    return "No checkpoint had been saved yet."
-
-
-def training_callbacks() -> list[L.Callback]:
-    """Callbacks every training run gets, whatever conf/callbacks says."""
-    return [FiniteLossGuard(), ResumeRandomState()]

@@ -15,3 +15,7 @@ class DataError(DetectorError):
 
 class CheckpointError(DetectorError):
     """A checkpoint is missing, unreadable, untrusted or of another model."""
+
+
+class NonFiniteLossError(DetectorError):
+    """The loss became NaN or infinite: training stopped before it reached the weights."""

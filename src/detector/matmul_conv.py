@@ -1,14 +1,12 @@
 """Convolutions as matrix products, for the shapes where oneDNN's CPU kernels are slow.
 
 At CIFAKE's 32 px a ResNet50's last stages run on 2x2 and 1x1 feature maps. There oneDNN's
-convolution (above all its weight gradient) reaches ~25 GFLOP/s on this machine's AMX cores,
-while the same arithmetic as one bf16 matrix product runs at over 1 TFLOP/s: a 1x1 convolution
-of 256 images from 512 to 2048 channels takes 45 ms forward and backward, the equivalent Linear
-3 ms. Computing 1x1 convolutions, and every convolution on a map of at most ``SMALL_MAP``
-pixels, as ``F.linear`` over NHWC patches makes a training step 2.5x faster at 32 px
-(``python bench/convs.py``). The parameters and state-dict keys stay those of ``nn.Conv2d``,
-so checkpoints load either way; other devices, and larger maps of larger kernels (where
-im2col would copy each pixel k*k times), keep the ordinary convolution.
+convolution (above all its weight gradient) is an order of magnitude slower than the same
+arithmetic as one bf16 matrix product. So 1x1 convolutions, and every convolution on a map of
+at most ``SMALL_MAP`` pixels, are computed as ``F.linear`` over NHWC patches (measured in
+docs/speed.md; ``python bench/convs.py``). The parameters and state-dict keys stay those of
+``nn.Conv2d``, so checkpoints load either way; other devices, and larger maps of larger
+kernels (where im2col would copy each pixel k*k times), keep the ordinary convolution.
 """
 
 from __future__ import annotations
@@ -69,7 +67,7 @@ def matmul_conv2d(
         ]
         cols, mat = torch.cat(taps, dim=3), weight.permute(0, 2, 3, 1).reshape(out_ch, -1)
     # As a 2-D product: given 4-D operands, torch.matmul may choose a batched product and copy
-    # the weight once per image (it did so under no_grad: 6x slower inference at 32 px).
+    # the weight once per image (it did so under no_grad; docs/speed.md).
     out = F.linear(cols.reshape(-1, cols.shape[-1]), mat, bias)
     return out.view(n, oh, ow, out_ch).permute(0, 3, 1, 2)
 

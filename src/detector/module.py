@@ -23,11 +23,11 @@ from torchmetrics.classification import (
     BinaryRecall,
 )
 
+from detector.data.preprocess import prepare_batch
+from detector.distributed import gather_rows
 from detector.errors import ConfigError
-from detector.launch import gather_rows
-from detector.metrics import THRESHOLD_RULES, fit_threshold
+from detector.evaluation.metrics import THRESHOLD_RULES, fit_threshold
 from detector.model import SEClassifier
-from detector.preprocess import prepare_batch
 
 
 def binary_metrics(prefix: str) -> MetricCollection:
@@ -138,7 +138,7 @@ class DetectorModule(L.LightningModule):
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Loaders may decode smaller than ``image_size`` (``data.decode_size``): the batch is
-        resized here, on the device, in one call (see :mod:`detector.preprocess`)."""
+        resized here, on the device, in one call (see :mod:`detector.data.preprocess`)."""
         return prepare_batch(images, int(self.hparams.image_size), self.hparams.channels_last)
 
     def setup(self, stage: str) -> None:

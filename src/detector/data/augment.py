@@ -78,7 +78,7 @@ def check_strength(kind: str, strength: float, where: str) -> None:
 
 class Degradation:
     """One fixed degradation, e.g. ``Degradation("jpeg", 75)``: a picklable PIL -> PIL callable
-    for :class:`~detector.data.ImageDataset`."""
+    for :class:`~detector.data.datasets.ImageDataset`."""
 
     def __init__(self, kind: str, strength: float) -> None:
         check_strength(kind, strength, f"robustness.{kind}")

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from detector.api import Detector
 from detector.errors import ConfigError
-from detector.inference import Detector, output_target
 from detector.matmul_conv import set_matmul_convs
+from detector.tasks.inputs import output_target
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -115,7 +116,7 @@ def export_torchscript(wrapper: nn.Module, example: torch.Tensor, path: Path) ->
 def run_exported(fmt: str, path: str | Path, images: torch.Tensor) -> torch.Tensor:
     """P(class 1) from an exported file for a float [0, 1] batch: the consumer's view."""
     if fmt == "onnx":
-        import onnxruntime as ort
+        import onnxruntime as ort  # deferred: needed only to check an ONNX export
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return torch.from_numpy(session.run([OUTPUT_NAMES[1]], {INPUT_NAME: images.numpy()})[0])

@@ -3,190 +3,44 @@
 Batches hold uint8 images at ``decode_size`` (default ``image_size``); the model resizes them
 to ``image_size`` on its device when they differ, then converts and normalises them, so the host
 moves a quarter of the bytes of float32 and every caller shares one preprocessing path. Split
-datasets come from :func:`detector.loading.make_dataset` (batched fetching, optional cache).
+datasets come from :func:`detector.data.cache.make_dataset` (batched fetching, optional cache).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from torchvision.transforms.v2 import functional as F
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Sampler,
+)
 
-from detector.augment import RandomBlurJPEG, random_shift
-from detector.errors import ConfigError, DataError
-from detector.scan import (
+from detector.data.augment import RandomBlurJPEG, random_shift
+from detector.data.cache import make_dataset
+from detector.data.datasets import ShardSampler
+from detector.data.decode import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIZE,
     IMAGE_EXTENSIONS,
+)
+from detector.data.demo import STAMP_NAME, ensure_demo
+from detector.data.folders import find_classes, split_indices
+from detector.data.scan import (
     ScanResult,
-    display,
-    is_ignored,
     log_bad_files,
-    open_image,
     scan_folder,
-    to_rgb,
-    walk_class_folder,
     write_report,
 )
+from detector.errors import ConfigError, DataError
+from detector.files import display
 
 log = logging.getLogger(__name__)
-
-__all__ = ["IMAGE_EXTENSIONS", "find_classes", "list_images", "load_image", "pil_to_input"]
-# A loader tries this many following samples before it gives up on a run of unreadable files.
-MAX_SUBSTITUTES = 16
-
-
-def find_classes(folder: str | Path) -> list[str]:
-    """Class names are the sorted sub-folder names, so CIFAKE gives FAKE=0, REAL=1 as the seed."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DataError(f"data folder {folder} does not exist or is not a folder")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not is_ignored(p.name))
-    if len(classes) != 2:
-        lower = [c.lower() for c in classes]
-        twins = [c for c in classes if lower.count(c.lower()) > 1]
-        if twins:
-            hint = f" ({' and '.join(twins)} differ only in case: merge them into one folder)"
-        elif len(classes) > 2:
-            hint = " (move the extra folders out)"
-        else:
-            hint = " (a class folder is missing)"
-        raise DataError(
-            f"{folder} must hold exactly two class folders (e.g. FAKE and REAL), found "
-            f"{len(classes)}: {classes}{hint}"
-        )
-    return classes
-
-
-def list_images(folder: str | Path, classes: Sequence[str]) -> list[tuple[str, int]]:
-    """(path, class index) for every image below each class folder, in a stable sorted order.
-
-    Only lists by extension; :meth:`ImageFolderDataModule.setup` scans the files instead.
-    """
-    samples: list[tuple[str, int]] = []
-    for index, name in enumerate(classes):
-        class_dir = Path(folder) / name
-        files, _ = walk_class_folder(class_dir)
-        found = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-        if not found:
-            raise DataError(
-                f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
-            )
-        samples.extend((p, index) for p in sorted(found))
-    return samples
-
-
-def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """A seeded permutation: the same files land in validation on every run and every rank."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction={val_fraction} must be in [0, 1)")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = round(n * val_fraction)
-    return sorted(order[n_val:]), sorted(order[:n_val])
-
-
-def load_image(path: str, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """RGB uint8 tensor (3, S, S); bilinear resize only when the file is not already S x S.
-
-    Images over ``max_pixels`` are refused from their header (DataError), before decoding.
-    """
-    with open_image(path, max_pixels) as img:
-        return pil_to_input(img, image_size)
-
-
-def pil_to_input(img: Image.Image, image_size: int) -> torch.Tensor:
-    """The one decoding step after opening a file, shared by training, eval and predict.
-
-    EXIF orientation is applied and every mode (16-bit, CMYK, palette, alpha) becomes 8-bit RGB
-    as a viewer shows it: see :func:`detector.scan.to_rgb`.
-    """
-    img = to_rgb(img)
-    if img.size != (image_size, image_size):
-        img = img.resize((image_size, image_size), Image.BILINEAR)
-    return F.pil_to_tensor(img)
-
-
-class ShardSampler(Sampler[int]):
-    """Rank ``rank`` of ``num_replicas`` reads one contiguous slice; slice sizes differ by at
-    most one. Unlike ``DistributedSampler`` nothing is padded or repeated, so validation and test
-    metrics count every image exactly once, and the ranks' outputs concatenated in rank order are
-    the dataset's order."""
-
-    def __init__(self, length: int, num_replicas: int, rank: int) -> None:
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
-        base, extra = divmod(length, num_replicas)
-        self.start = rank * base + min(rank, extra)
-        self.stop = self.start + base + (1 if rank < extra else 0)
-
-    def __iter__(self):
-        return iter(range(self.start, self.stop))
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
-class ImageDataset(Dataset):
-    """``transform`` (PIL -> PIL, e.g. :mod:`detector.augment`) acts on the decoded image before
-    the resize to ``image_size``, where real-world blur and re-compression happen."""
-
-    def __init__(
-        self,
-        samples: Sequence[tuple[str, int]],
-        image_size: int,
-        hflip: bool = False,
-        transform: Callable[[Image.Image], Image.Image] | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-    ):
-        self.samples = list(samples)
-        self.image_size = image_size
-        self.hflip = hflip
-        self.transform = transform
-        self.max_pixels = max_pixels
-        self._failed: set[str] = set()
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _read(self, path: str) -> torch.Tensor:
-        if self.transform is None:
-            return load_image(path, self.image_size, self.max_pixels)
-        with open_image(path, self.max_pixels) as img:
-            return pil_to_input(self.transform(to_rgb(img)), self.image_size)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        # A file that went bad after the scan (deleted, replaced, truncated by a copy) is
-        # skipped with a warning and the next sample takes its place: the run goes on.
-        last_error = None
-        for k in range(min(MAX_SUBSTITUTES, len(self.samples))):
-            path, label = self.samples[(i + k) % len(self.samples)]
-            try:
-                image = self._read(path)
-            except Exception as e:  # any decoder failure is the file's problem
-                last_error = e
-                if path not in self._failed:
-                    self._failed.add(path)
-                    log.warning(
-                        "skipping %s: it changed after the scan and cannot be read now (%s: %s)",
-                        display(path),
-                        type(e).__name__,
-                        str(e).strip().splitlines()[0] if str(e).strip() else "no details",
-                    )
-                continue
-            if self.hflip and torch.rand(()) < 0.5:
-                image = image.flip(-1)
-            return image, label
-        raise DataError(
-            f"{min(MAX_SUBSTITUTES, len(self.samples))} files in a row from "
-            f"{display(self.samples[i][0])} on cannot be read (last: {last_error}); "
-            "did the data folder move or get deleted?"
-        )
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -224,7 +78,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"data.{name}={value} must be a positive integer")
         for name, value in (("image_size", image_size), ("batch_size", batch_size)):
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"data.{name}={value} must be a positive integer")
         if num_workers < 0:
             raise ConfigError(f"data.num_workers={num_workers} must be >= 0")
@@ -249,7 +103,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.min_size = min_size
         self.scan_workers = scan_workers
         # Loaders decode at decode_size and the model's device resizes batches to image_size
-        # (detector.preprocess); cache: a memory-mapped array of decoded images (detector.cache).
+        # (detector.data.preprocess); cache: a memory-mapped array of decoded images
+        # (detector.data.cache).
         if decode_size is not None and (not isinstance(decode_size, int) or decode_size <= 0):
             raise ConfigError(f"data.decode_size={decode_size} must be a positive integer or null")
         self.decode_size = decode_size or image_size
@@ -339,8 +194,6 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _is_global_zero(self) -> bool:
         if self.trainer is not None:
             return bool(self.trainer.is_global_zero)
-        from lightning.pytorch.utilities import rank_zero_only
-
         return getattr(rank_zero_only, "rank", 0) == 0
 
     def _scan(self, split: str, folder: Path, classes: list[str]) -> ScanResult:
@@ -416,7 +269,6 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.test_set = self._dataset(samples, self.test_dir)
 
     def _dataset(self, samples, folder: Path, hflip: bool = False, transform=None) -> Dataset:
-        from detector.loading import make_dataset  # batched fetching, optional cache
 
         return make_dataset(
             samples,
@@ -512,7 +364,6 @@ class DemoDataModule(ImageFolderDataModule):
     makes_root = True
 
     def prepare_data(self) -> None:
-        from detector.demo import STAMP_NAME, ensure_demo
 
         if (self.root / "train").is_dir() and not (self.root / STAMP_NAME).exists():
             log.info("%s is not a demo folder: using it as it is", self.root)

@@ -19,7 +19,6 @@ import torch
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.accelerators import CPUAccelerator
-from omegaconf import OmegaConf
 
 from detector.errors import ConfigError
 
@@ -56,27 +55,6 @@ def launcher_rank_is_zero() -> bool:
     """Whether the launcher (torchrun, srun, Lightning) made this the first process; read from
     the environment because the config is composed before any process group exists."""
     return all(int(os.environ.get(v) or 0) == 0 for v in _RANK_VARIABLES)
-
-
-def _run_id(default: str) -> str:
-    return launcher_run_id() or default
-
-
-def _if_rank_zero(value: str) -> str | None:
-    return value if launcher_rank_is_zero() else None
-
-
-# conf/hydra/default.yaml: ${run_id:<time>_<pid>} names the run folder; ${if_rank_zero:.hydra}
-# keeps the saved config to the first process (Lightning's re-launched ranks already get null).
-if not OmegaConf.has_resolver("run_id"):
-    OmegaConf.register_new_resolver("run_id", _run_id)
-if not OmegaConf.has_resolver("if_rank_zero"):
-    OmegaConf.register_new_resolver("if_rank_zero", _if_rank_zero)
-# conf/paths/default.yaml: the folder the command was started from. Hydra's ${hydra:runtime.cwd}
-# is the same but unset while a multirun names its sweep folder; Lightning's re-launched ranks
-# start in the same folder (and get rank 0's run folder anyway).
-if not OmegaConf.has_resolver("cwd"):
-    OmegaConf.register_new_resolver("cwd", os.getcwd)
 
 
 def launch_rank(trainer: L.Trainer) -> int:
@@ -144,7 +122,8 @@ def keep_files_to_rank_zero(rank: int) -> None:
 def gather_rows(trainer: L.Trainer, rows: torch.Tensor) -> torch.Tensor:
     """Every rank's ``rows`` (uneven lengths allowed) concatenated in rank order, on the CPU.
 
-    With the contiguous shards of :class:`~detector.data.ShardSampler` this is dataset order.
+    With the contiguous shards of :class:`~detector.data.datasets.ShardSampler` this is dataset
+    order.
     """
     if trainer.world_size == 1:
         return rows.cpu()

@@ -20,6 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import matplotlib
+from tqdm.auto import tqdm
+
+from detector.api import Detector
+from detector.data.decode import load_image
+from detector.files import describe_error
+from detector.tasks.inputs import resolve_inputs
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -28,7 +34,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
-from detector.errors import ConfigError, DataError  # noqa: E402
+from detector.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -142,6 +148,7 @@ def explain_maps(
     which defaults to the module's own). Gradients are switched on here, so it also works
     right after ``trainer.test`` or inside ``torch.inference_mode``.
     """
+    # deferred: captum and grad-cam are heavy and needed only here
     from captum.attr import IntegratedGradients
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
@@ -333,11 +340,6 @@ def _explain_chunk(detector, stack, ok, out_dir: Path, target, cfg) -> dict[int,
 
 def explain(cfg: DictConfig) -> dict:
     """Write one PNG per image (input, Grad-CAM, IG) and ``explanations.csv``."""
-    from tqdm.auto import tqdm
-
-    from detector.data import load_image
-    from detector.inference import Detector, describe_error, resolve_inputs
-
     if not cfg.get("ckpt"):
         raise ConfigError("ckpt is not set: pass ckpt=PATH to a .ckpt file written by train.py")
     for key in ("n_steps", "batch_size", "display_size", "dpi"):

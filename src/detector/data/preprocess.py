@@ -6,8 +6,8 @@ loader, the shared-memory queue and (on a GPU) the PCIe copy carry 49x the bytes
 PIL call per image. One ``interpolate`` per batch on the device costs next to nothing.
 
 The kernel is bilinear with half-pixel centres, antialiased when shrinking: PIL's
-``Image.BILINEAR``, which the host path (:func:`detector.data.pil_to_input`) uses. The two agree
-within ``PIL_TOLERANCE`` grey levels out of 255 (different rounding); tests check it.
+``Image.BILINEAR``, which the host path (:func:`detector.data.decode.pil_to_input`) uses.
+The two agree within ``PIL_TOLERANCE`` grey levels out of 255 (different rounding); tests check it.
 """
 
 from __future__ import annotations

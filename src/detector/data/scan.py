@@ -12,43 +12,37 @@ This module does not import torch: the scan runs in forked worker processes.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from detector.errors import DataError
+from detector.data.decode import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIZE,
+    IMAGE_EXTENSIONS,
+    IMAGE_FORMATS,
+    pixel_limit_reason,
+    reason_from_exception,
+    to_rgb,
+)
+from detector.files import atomic_write_text, display
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-# What PIL may detect inside a file with one of those extensions. Anything else (EPS would call
-# Ghostscript, ICO, PSD, ...) is refused even if PIL has a plugin for it.
-IMAGE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "DIB", "WEBP", "TIFF", "GIF"})
 # Operating-system litter that is never data and never reported.
 IGNORED_NAMES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "icon\r", "__macosx"})
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
-DEFAULT_MIN_SIZE = 8
-EXIF_ORIENTATION = 0x0112
 CACHE_NAME = ".detector-scan.json"
 CACHE_VERSION = 1
-# The mode open() would give a new file under this process's umask.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
 # Below this many files to check, forking workers costs more than it saves.
 PARALLEL_THRESHOLD = 512
 
@@ -80,11 +74,6 @@ class ScanResult:
         return sum(len(v) for v in self.good.values()) + len(self.bad)
 
 
-def display(path: str | os.PathLike) -> str:
-    """A printable form of a path whose bytes may not be UTF-8 (names from other systems)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
 def is_ignored(name: str) -> bool:
     """Hidden files (.DS_Store, ._name AppleDouble files, .git) and Windows/macOS litter."""
     return name.startswith(".") or name.lower() in IGNORED_NAMES
@@ -109,91 +98,6 @@ def _describe_non_image(head: bytes) -> str:
         except UnicodeDecodeError:
             pass
     return "not an image PIL can identify"
-
-
-def pixel_limit_reason(width: int, height: int, max_pixels: int) -> str | None:
-    """Why an image of this size is refused, judged from its header alone."""
-    if max_pixels and width * height > max_pixels:
-        return (
-            f"{width}x{height} = {width * height:,} pixels is over data.max_pixels={max_pixels:,}; "
-            "refused without decoding (a decompression bomb?)"
-        )
-    return None
-
-
-def open_image(
-    path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, fp: IO[bytes] | None = None
-) -> Image.Image:
-    """``Image.open`` that refuses decompression bombs from the header alone, before any decoding.
-
-    PIL only errors above twice its own limit and merely warns between once and twice; here
-    anything over ``max_pixels`` is refused. ``fp``: an already open file of ``path``.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(fp if fp is not None else path)
-        except Image.DecompressionBombError as e:
-            raise DataError(f"{display(path)}: refused without decoding ({e})") from None
-    reason = pixel_limit_reason(*img.size, max_pixels)
-    if reason:
-        img.close()
-        raise DataError(f"{display(path)}: {reason}")
-    return img
-
-
-def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
-    """PIL's own convert clips 16/32-bit grey at 255 (an almost white picture); scale instead."""
-    arr = np.asarray(img)
-    if img.mode == "F":
-        hi = float(arr.max()) if arr.size else 1.0
-        scale = 255.0 if hi <= 1.0 else 1.0
-        arr8 = np.clip(arr * scale, 0, 255)
-    else:
-        arr8 = np.clip(arr.astype(np.int64) >> 8 if arr.max(initial=0) > 255 else arr, 0, 255)
-    return Image.fromarray(arr8.astype(np.uint8), "L")
-
-
-def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """8-bit RGB as a viewer shows it: EXIF orientation applied, 16-bit scaled rather than clipped,
-    transparency composited over white, CMYK/palette/greyscale converted."""
-    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # exif_transpose copies even when upright
-        img = ImageOps.exif_transpose(img) or img
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        img = _sixteen_bit_to_l(img)
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        img.mode in ("P", "L", "RGB") and "transparency" in img.info
-    )
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (*background, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A file as an RGB image, oriented; raises DataError with the reason when it is not one."""
-    try:
-        with open_image(path, max_pixels) as img:
-            img.load()
-            return to_rgb(img)
-    except DataError:
-        raise
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise DataError(f"{display(path)}: {_reason_from_exception(e)}") from None
-
-
-def _reason_from_exception(e: BaseException) -> str:
-    if isinstance(e, OSError) and e.errno == errno.ELOOP:
-        return "symlink loop (Too many levels of symbolic links)"
-    if isinstance(e, PermissionError):
-        return f"cannot read it ({e.strerror or 'permission denied'})"
-    if isinstance(e, FileNotFoundError):
-        return "missing (deleted, or a broken symlink)"
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if "truncated" in text.lower():
-        return f"truncated file ({text})"
-    return f"cannot decode it ({type(e).__name__}: {text})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +144,7 @@ def check_file(
                 to_rgb(img)
         return None
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, MemoryError) as e:
-        return _reason_from_exception(e)
+        return reason_from_exception(e)
     except Exception as e:  # any other decoder failure is a bad file, not a crashed scan
         return f"cannot decode it ({type(e).__name__}: {e})"
 
@@ -262,13 +166,13 @@ def walk_class_folder(class_dir: Path) -> tuple[list[str], list[BadFile]]:
     seen: dict[tuple[int, int], str] = {}
 
     def onerror(e: OSError) -> None:
-        bad.append(BadFile(e.filename or str(class_dir), _reason_from_exception(e)))
+        bad.append(BadFile(e.filename or str(class_dir), reason_from_exception(e)))
 
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True, onerror=onerror):
         try:
             st = os.stat(dirpath)
         except OSError as e:
-            bad.append(BadFile(dirpath, _reason_from_exception(e)))
+            bad.append(BadFile(dirpath, reason_from_exception(e)))
             dirnames[:] = []
             continue
         key = (st.st_dev, st.st_ino)
@@ -311,21 +215,6 @@ def _read_cache(folder: Path, settings: dict) -> dict[str, list]:
     return {}
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 would hide the file from other users
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _write_cache(folder: Path, settings: dict, files: dict[str, list]) -> Path | None:
     text = json.dumps({"version": CACHE_VERSION, "settings": settings, "files": files})
     for path in cache_paths(folder):
@@ -363,8 +252,6 @@ def _check_parallel(
     size = max(64, min(2000, len(paths) // (workers * 8) or 1))
     jobs = [(chunk, max_pixels, min_size) for chunk in _chunks(paths, size)]
     try:
-        import multiprocessing
-
         # fork: children need only PIL and this module, and start in milliseconds (spawn would
         # re-import the entry point, torch included, in every worker).
         ctx = multiprocessing.get_context("fork")
@@ -406,7 +293,7 @@ def scan_folder(
             try:
                 st = os.stat(path)
             except OSError as e:
-                verdicts[path] = _reason_from_exception(e)
+                verdicts[path] = reason_from_exception(e)
                 continue
             rel = path[cut:]
             key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]

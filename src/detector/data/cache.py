@@ -20,27 +20,32 @@ import fcntl
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import shutil
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from detector.data import load_image
-from detector.errors import ConfigError, DataError
-from detector.loading import (
+from detector.data.datasets import (
     Batch,
     BatchedImageDataset,
-    fast_decode,
+    ImageDataset,
     flip_some,
     nchw_view,
     new_batch_tensor,
 )
-from detector.scan import atomic_write_text, display
+from detector.data.decode import (
+    fast_decode,
+    load_image,
+)
+from detector.errors import ConfigError, DataError
+from detector.files import atomic_write_text, display
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +132,6 @@ def _build(file: Path, paths: list[str], size: int, max_pixels: int, workers: in
     ]
     try:
         if workers > 1 and len(jobs) > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
             with ProcessPoolExecutor(workers, multiprocessing.get_context("fork")) as pool:
                 results = list(pool.map(_fill, jobs))
         else:
@@ -280,3 +282,34 @@ class CachedImageDataset(BatchedImageDataset):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.images = np.load(state["images"], mmap_mode="r")
+
+
+def make_dataset(
+    samples: Sequence[tuple[str, int]],
+    size: int,
+    *,
+    hflip: bool = False,
+    transform=None,
+    max_pixels: int,
+    cache: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    folder: str | os.PathLike | None = None,
+) -> ImageDataset:
+    """The dataset a data module uses for one split: batched, and with ``cache`` read from a
+    memory-mapped uint8 array of the decoded images (built on first use)."""
+    if cache and transform is not None:
+        log.info(
+            "data.cache: not for the training split, whose blur/JPEG augmentation "
+            "(data.blur_prob, data.jpeg_prob) decodes every image anew"
+        )
+    elif cache:
+        return CachedImageDataset(
+            samples,
+            size,
+            hflip=hflip,
+            transform=transform,
+            max_pixels=max_pixels,
+            cache_dir=Path(cache_dir) if cache_dir else None,
+            folder=Path(folder) if folder else None,
+        )
+    return BatchedImageDataset(samples, size, hflip, transform, max_pixels=max_pixels)

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -32,7 +31,17 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from detector.data.synthesis import (
+    GEN_TRAIN_CROPS,
+    IMAGE_SIZE,
+    TRAIN_STEPS,
+    generate_fakes,
+    load_sources,
+    random_crops,
+    train_generator,
+)
 
 # Bump whenever anything that changes the output bytes changes (sources, crops, generator,
 # training schedule, post-processing, JPEG settings): existing demo folders are then rebuilt.
@@ -40,194 +49,32 @@ GENERATOR_VERSION: int = 1
 
 CLASSES: tuple[str, str] = ("FAKE", "REAL")
 SPLITS: tuple[str, str] = ("train", "test")
-IMAGE_SIZE: int = 32
 JPEG_QUALITY: int = 75
 DEFAULT_TRAIN_PER_CLASS: int = 2000
 DEFAULT_TEST_PER_CLASS: int = 500
 STAMP_NAME: str = ".demo.json"
 
-# scikit-image sample images that are inside the wheel (no pooch/network needed), with the
-# provenance and licence stated in the `skimage.data` docstrings. Greyscale ones add texture
-# variety (they are stacked to RGB) but get a lower sampling weight: CIFAKE is mostly colour.
-# (name, sampling weight, source and licence)
-SOURCES: tuple[tuple[str, float, str], ...] = (
-    ("astronaut", 1.0, "Eileen Collins, NASA Great Images database; public domain"),
-    ("coffee", 1.0, "Coffee cup, Rachel Michetti / Pikolo Espresso Bar; CC0"),
-    ("chelsea", 1.0, "Chelsea the cat, Stefan van der Walt; CC0"),
-    ("rocket", 1.0, "DSCOVR launch on Falcon 9, SpaceX Photos; public domain"),
-    ("hubble_deep_field", 1.0, "Hubble eXtreme Deep Field, NASA/HubbleSite; public domain"),
-    ("immunohistochemistry", 1.0, "IHC colonic glands, CMMI; no known copyright restrictions"),
-    ("retina", 1.0, "Fundus photograph, Mikael Haggstrom, Wikimedia Commons; CC0 1.0"),
-    ("camera", 0.3, "Camera man, Lav Varshney; CC0 (greyscale)"),
-    ("coins", 0.3, "Greek coins, Brooklyn Museum; no known copyright restrictions (grey)"),
-    ("brick", 0.3, "Brick wall, CC0Textures; CC0 (greyscale)"),
-    ("grass", 0.3, "Grass, linolafett on DeviantArt; CC0 (greyscale)"),
-    ("gravel", 0.3, "Gravel, CC0Textures; CC0 (greyscale)"),
-)
 
-# Generator schedule. Fixed step counts (never wall-clock budgets) keep the output a pure
-# function of the seed.
-_GEN_TRAIN_CROPS = 4000
-_TRAIN_STEPS = 400
-_BATCH = 64
-_LR = 2e-3
-_LATENT_NOISE = 0.25
 _GENERATOR_NAME = "detector.demo"  # stamp marker; not __name__, which is __main__ in the CLI
 # One intra-op thread, whatever the machine has: results can depend on the thread count (how
-# reductions are split), and two spinning OpenMP workers on a busy 2-core machine ran ~20x
-# slower than one thread (860 vs 46 ms per step, measured), while idle they gain only ~1.5x.
+# reductions are split), and spinning OpenMP workers on a busy machine ran far slower than one
+# thread (docs/speed.md, "Measurements behind choices in the code").
 _THREADS = 1
 # Leftover build folders (a SIGKILLed build cannot clean up after itself) are removed once
 # they are this old; a live build never takes anywhere near as long.
-_STALE_S = 3600.0
-# Crops flatter than this (per-pixel std, 0-255) are redrawn: black sky and retina borders
-# would otherwise produce REAL/FAKE pairs that no detector could tell apart.
-_MIN_CROP_STD = 6.0
+STALE_SECONDS = 3600.0
 
 
 # --------------------------------------------------------------------------- sources / crops
 
 
-def _load_sources() -> list[np.ndarray]:
-    """Load every source as uint8 RGB; fail loudly, because a silent fallback would change bytes."""
-    import skimage.data
-
-    images = []
-    for name, _, _ in SOURCES:
-        try:
-            img = np.asarray(getattr(skimage.data, name)())
-        except Exception as err:  # pragma: no cover - depends on the installed wheel
-            raise RuntimeError(
-                f"scikit-image sample image {name!r} could not be loaded; the demo set needs "
-                "the images bundled in the scikit-image wheel (no download is attempted)"
-            ) from err
-        if img.ndim == 2:
-            img = np.repeat(img[:, :, None], 3, axis=2)
-        images.append(np.ascontiguousarray(img[:, :, :3]))
-    return images
-
-
-def _random_crops(images: list[Image.Image], n: int, rng: np.random.Generator) -> np.ndarray:
-    """Square crops at log-uniform scales and random positions, antialiased down to 32x32.
-
-    Several scales matter: tiny crops look like texture, big ones like a whole scene, which is
-    roughly the spread CIFAKE's thumbnails have.
-    """
-    weights = np.array([w for _, w, _ in SOURCES], dtype=np.float64)
-    weights /= weights.sum()
-    out = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
-    i = 0
-    while i < n:
-        img = images[rng.choice(len(images), p=weights)]
-        w, h = img.size
-        lo, hi = math.log(IMAGE_SIZE), math.log(min(w, h))
-        side = int(round(math.exp(rng.uniform(lo, hi))))
-        x = int(rng.integers(0, w - side + 1))
-        y = int(rng.integers(0, h - side + 1))
-        flip = bool(rng.random() < 0.5)
-        crop = img.resize(
-            (IMAGE_SIZE, IMAGE_SIZE),
-            Image.Resampling.LANCZOS,
-            box=(x, y, x + side, y + side),
-            reducing_gap=3.0,  # box-reduce first: 10x faster, still antialiased
-        )
-        arr = np.asarray(crop)
-        if arr.std() < _MIN_CROP_STD:
-            continue
-        out[i] = arr[:, ::-1] if flip else arr
-        i += 1
-    return out
-
-
 # --------------------------------------------------------------------------- generator
-
-
-class _AutoEncoder(nn.Module):
-    """Tiny conv autoencoder; the decoder upsamples with stride-2 transposed convolutions.
-
-    Those layers are the point: overlapping 4x4 kernels at stride 2 leave the periodic
-    (checkerboard) patterns found in GAN and latent-diffusion decoder outputs. The 8x8x8
-    bottleneck (6x smaller than the image) drops some fine detail, as generators do, but
-    not so much that blur alone (or JPEG file size) would give the label away.
-    """
-
-    def __init__(self, widths: tuple[int, ...] = (16, 32), latent: int = 8) -> None:
-        super().__init__()
-        enc: list[nn.Module] = []
-        channels = 3
-        for width in widths:
-            enc += [nn.Conv2d(channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
-            channels = width
-        enc.append(nn.Conv2d(channels, latent, 1))
-        dec: list[nn.Module] = []
-        channels = latent
-        for width in reversed(widths):
-            dec += [nn.ConvTranspose2d(channels, width, 4, stride=2, padding=1), nn.ReLU()]
-            channels = width
-        dec += [nn.Conv2d(channels, 3, 3, padding=1), nn.Sigmoid()]
-        self.encoder = nn.Sequential(*enc)
-        self.decoder = nn.Sequential(*dec)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
-
-
-def _to_tensor(crops: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(crops).permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def _train_generator(
-    crops: np.ndarray,
-    steps: int,
-    gen: torch.Generator,
-    tick: Callable[[], None] | None = None,
-) -> _AutoEncoder:
-    """Train on REAL crops only, so FAKE content and colours come from the REAL distribution."""
-    model = _AutoEncoder()
-    opt = torch.optim.Adam(model.parameters(), lr=_LR)
-    data = _to_tensor(crops)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(data), (_BATCH,), generator=gen)
-        batch = data[idx]
-        loss = nn.functional.mse_loss(model(batch), batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if tick is not None:
-            tick()
-    model.eval()
-    return model
-
-
-@torch.no_grad()
-def _generate_fakes(model: _AutoEncoder, sources: np.ndarray, gen: torch.Generator) -> np.ndarray:
-    """Decode perturbed latents of held-out crops, then match each fake's colour statistics.
-
-    The latent noise makes the outputs new samples rather than plain reconstructions; the
-    per-channel mean/std match makes colour statistics uninformative, so a detector has to
-    find the generator's traces instead.
-    """
-    out = np.empty_like(sources)
-    for start in range(0, len(sources), 256):
-        src = _to_tensor(sources[start : start + 256])
-        z = model.encoder(src)
-        z_std = z.std(dim=(1, 2, 3), keepdim=True)
-        z = z + _LATENT_NOISE * z_std * torch.randn(z.shape, generator=gen)
-        fake = model.decoder(z)
-        dims = (2, 3)
-        f_mean, f_std = fake.mean(dims, keepdim=True), fake.std(dims, keepdim=True)
-        s_mean, s_std = src.mean(dims, keepdim=True), src.std(dims, keepdim=True)
-        fake = (fake - f_mean) / f_std.clamp_min(1e-3) * s_std + s_mean
-        fake = (fake.clamp(0, 1) * 255.0).round().to(torch.uint8)
-        out[start : start + 256] = fake.permute(0, 2, 3, 1).numpy()
-    return out
 
 
 # --------------------------------------------------------------------------- writing / stamp
 
 
-def _save_jpeg(arr: np.ndarray, path: Path) -> None:
+def save_jpeg(arr: np.ndarray, path: Path) -> None:
     # One code path and one set of encoder settings (quality, tables, chroma subsampling) for
     # both classes, so the container itself carries no label; sizes differ only by content.
     buf = io.BytesIO()
@@ -280,14 +127,6 @@ class _Stages:
 
     def __enter__(self) -> _Stages:
         if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
             self._progress = Progress(
                 TextColumn("[bold]demo[/bold] {task.description:<20}"),
                 BarColumn(),
@@ -342,16 +181,16 @@ def _build(tmp: Path, seed: int, train_per_class: int, test_per_class: int, prog
     rng = np.random.default_rng(seed)
     with _Stages(progress) as stages, _pinned_torch(seed) as gen:
         with stages.stage("crops", 3) as tick:
-            sources = [Image.fromarray(img) for img in _load_sources()]
+            sources = [Image.fromarray(img) for img in load_sources()]
             tick()
-            gen_crops = _random_crops(sources, _GEN_TRAIN_CROPS, rng)
-            real = _random_crops(sources, per_class, rng)
+            gen_crops = random_crops(sources, GEN_TRAIN_CROPS, rng)
+            real = random_crops(sources, per_class, rng)
             tick()
-            fake_src = _random_crops(sources, per_class, rng)
+            fake_src = random_crops(sources, per_class, rng)
             tick()
-        with stages.stage("training generator", _TRAIN_STEPS) as tick:
-            model = _train_generator(gen_crops, _TRAIN_STEPS, gen, tick)
-        fake = _generate_fakes(model, fake_src, gen)
+        with stages.stage("training generator", TRAIN_STEPS) as tick:
+            model = train_generator(gen_crops, TRAIN_STEPS, gen, tick)
+        fake = generate_fakes(model, fake_src, gen)
         with stages.stage("writing", 2 * per_class) as tick:
             for cls, arrs in (("FAKE", fake), ("REAL", real)):
                 for split, lo, hi in (
@@ -361,7 +200,7 @@ def _build(tmp: Path, seed: int, train_per_class: int, test_per_class: int, prog
                     folder = tmp / split / cls
                     folder.mkdir(parents=True, exist_ok=True)
                     for i in range(lo, hi):
-                        _save_jpeg(arrs[i], folder / f"{i - lo:05d}.jpg")
+                        save_jpeg(arrs[i], folder / f"{i - lo:05d}.jpg")
                         tick()
     # Written last: a folder without a stamp is never mistaken for a complete demo set.
     stamp = _wanted_stamp(seed, train_per_class, test_per_class)
@@ -407,7 +246,7 @@ def _remove_stale_builds(out: Path) -> None:
                 if (
                     path.is_dir()
                     and not path.is_symlink()
-                    and now - path.stat().st_mtime > _STALE_S
+                    and now - path.stat().st_mtime > STALE_SECONDS
                 ):
                     shutil.rmtree(path, ignore_errors=True)
 
@@ -480,7 +319,7 @@ def ensure_demo(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m detector.demo",
+        prog="python -m detector.data.demo",
         description="Build the offline CIFAKE-shaped demo set (REAL/FAKE, 32x32 JPEG).",
     )
     parser.add_argument("out", type=Path, help="folder to create (e.g. data/demo)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 
 import torch
-from omegaconf import OmegaConf
 
 from detector.errors import ConfigError
 
@@ -64,16 +63,3 @@ def auto_workers(accelerator: str | None = AUTO) -> int:
         return 0
     gpus = max(1, torch.cuda.device_count())
     return max(1, min(8, (os.cpu_count() or 1) // gpus))
-
-
-# conf/trainer/default.yaml: ``precision: ${auto_precision:${.accelerator}}``, resolved when the
-# config is read, so every way of building the Trainer from it gets a valid precision.
-if not OmegaConf.has_resolver("auto_precision"):
-    OmegaConf.register_new_resolver(
-        "auto_precision", lambda accelerator=AUTO: auto_precision(accelerator)
-    )
-# conf/data/imagefolder.yaml: ``num_workers: ${auto_workers:${oc.select:trainer.accelerator,auto}}``
-if not OmegaConf.has_resolver("auto_workers"):
-    OmegaConf.register_new_resolver(
-        "auto_workers", lambda accelerator=AUTO: auto_workers(accelerator)
-    )

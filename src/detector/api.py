@@ -1,0 +1,177 @@
+"""Scoring one's own images: the :class:`Detector` Python API and the ``predict`` task.
+
+Preprocessing is eval's, step for step: files go through :func:`detector.data.decode.load_image`
+(RGB, bilinear resize only when not already S x S, uint8) and the network normalises inside
+its own ``forward``. In-memory images (PIL, numpy, uint8 tensors) take the same steps, so a
+file and the decoded file give the same probability.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as F
+
+from detector.data.decode import load_image, pil_to_input
+from detector.errors import ConfigError, DataError
+from detector.files import describe_error, file_hash
+
+if TYPE_CHECKING:
+    from detector.module import DetectorModule
+
+log = logging.getLogger(__name__)
+
+
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
+
+
+def _load_module(path: str | Path) -> DetectorModule:
+    # The shared weights-only loader: predict, export and eval accept and refuse the same files.
+    from detector.checkpoint import load_checkpoint  # deferred: Lightning, only to load a model
+
+    return load_checkpoint(path)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(
+            f"device={device!r} is not a torch device (cpu, cuda, cuda:1, auto)"
+        ) from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r}: CUDA is not available here; use device=cpu")
+    return resolved
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result. ``probability`` is P(``class_names[1]``), the network's own output."""
+
+    label: str
+    index: int
+    probability: float
+    probabilities: dict[str, float]
+    threshold: float
+
+
+class Detector:
+    """A trained detector ready to score images.
+
+    >>> d = Detector.from_checkpoint("best.ckpt", device="cpu")
+    >>> d.predict(["cat.jpg", PIL.Image.open("dog.png"), uint8_chw_tensor])
+    """
+
+    def __init__(
+        self,
+        module: DetectorModule,
+        device: str | torch.device | None = "cpu",
+        threshold: float | None = None,
+        model_id: str = "",
+    ) -> None:
+        self.device = resolve_device(device)
+        self.module = module.to(self.device).eval()
+        self.net = self.module.net
+        if threshold is None:
+            threshold = module.threshold
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise ConfigError(f"threshold={threshold} must be in [0, 1]")
+        self.threshold = float(threshold)
+        self.class_names: list[str] = list(module.hparams.class_names)
+        self.image_size = int(module.hparams.image_size)
+        self.model_id = model_id
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device | None = "cpu",
+        threshold: float | None = None,
+    ) -> Detector:
+        """``threshold=None`` keeps the one stored in the checkpoint (fitted on validation)."""
+        module = _load_module(path)
+        return cls(module, device=device, threshold=threshold, model_id=file_hash(path))
+
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        """uint8 (3, S, S) exactly as eval builds it from a file.
+
+        Accepts a path, a PIL image, a numpy array (H, W[, C]) or a uint8 tensor (C, H, W).
+        """
+        if isinstance(image, str | os.PathLike):
+            try:
+                return load_image(str(image), self.image_size)
+            except Exception as e:
+                raise DataError(f"cannot read image {image}: {describe_error(e)}") from e
+        if isinstance(image, Image.Image):
+            return pil_to_input(image, self.image_size)
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8:
+                raise TypeError(f"numpy images must be uint8 (H, W[, C]), got {image.dtype}")
+            return pil_to_input(Image.fromarray(image), self.image_size)
+        if isinstance(image, torch.Tensor):
+            if image.dtype != torch.uint8:
+                raise TypeError(
+                    f"tensor images must be uint8 (C, H, W) in [0, 255], got {image.dtype}: "
+                    "convert with (x * 255).round().to(torch.uint8)"
+                )
+            if image.ndim == 2:
+                image = image[None]
+            if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
+                raise TypeError(f"tensor images must be (C, H, W) with C in 1, 3, 4: {image.shape}")
+            size = (self.image_size, self.image_size)
+            if image.shape[0] == 3 and tuple(image.shape[1:]) == size:
+                return image.cpu().contiguous()
+            return pil_to_input(F.to_pil_image(image.cpu()), self.image_size)
+        raise TypeError(f"cannot score an object of type {type(image).__name__}")
+
+    @torch.inference_mode()
+    def score(self, images: torch.Tensor) -> torch.Tensor:
+        """P(class 1) for a uint8 batch (N, 3, S, S), on the CPU, as eval's test step."""
+        logits = self.net(images.to(self.device)).float()
+        return torch.sigmoid(logits).cpu()
+
+    def _batches(self, inputs: Any, batch_size: int) -> Iterator[torch.Tensor]:
+        if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
+            items: Sequence = list(inputs)
+        elif isinstance(inputs, str | os.PathLike | Image.Image | np.ndarray | torch.Tensor):
+            items = [inputs]
+        else:
+            items = list(inputs)
+        for start in range(0, len(items), batch_size):
+            yield torch.stack([self.preprocess(x) for x in items[start : start + batch_size]])
+
+    def predict_proba(
+        self, inputs: ImageInput | Iterable[ImageInput], batch_size: int = 32
+    ) -> torch.Tensor:
+        """(N, 2) probabilities, columns in ``class_names`` order (like scikit-learn)."""
+        batches = [self.score(b) for b in self._batches(inputs, batch_size)]
+        p1 = torch.cat(batches) if batches else torch.empty(0)
+        return torch.stack([1.0 - p1, p1], dim=1)
+
+    def predict(
+        self, inputs: ImageInput | Iterable[ImageInput], batch_size: int = 32
+    ) -> list[Prediction]:
+        """One :class:`Prediction` per image (a single image also gives a list of one)."""
+        return [self.decide(float(p[1])) for p in self.predict_proba(inputs, batch_size)]
+
+    def decide(self, p1: float) -> Prediction:
+        """Label by the threshold, as eval's report does (``p >= threshold`` is class 1)."""
+        index = int(p1 >= self.threshold)
+        names = self.class_names
+        return Prediction(
+            label=names[index],
+            index=index,
+            probability=p1,
+            probabilities={names[0]: 1.0 - p1, names[1]: p1},
+            threshold=self.threshold,
+        )

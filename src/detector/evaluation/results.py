@@ -1,0 +1,145 @@
+"""One test pass's results, written where the user looks: the predictions of every rank
+gathered, the report printed, metrics.json, predictions.csv, the figures and TensorBoard.
+
+Shared by the test at the end of training and by eval.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from detector.config import report_settings
+from detector.data.decode import load_image
+from detector.distributed import (
+    gather_rows,
+)
+from detector.evaluation.plots import (
+    log_report,
+    plot_confident_grid,
+    plot_confusion_matrix,
+    plot_pr_curve,
+    plot_reliability,
+    plot_roc,
+    publish_figure,
+    tensorboard_writers,
+)
+from detector.evaluation.report import (
+    evaluation_report,
+    format_report,
+    most_confident,
+    write_json,
+    write_predictions,
+)
+from detector.module import DetectorModule
+
+# Scalars Lightning logs itself during ``trainer.test`` in training runs.
+_LOGGED_BY_LIGHTNING = ("loss", "precision", "recall", "f1", "auroc")
+
+
+def write_test_report(
+    model: DetectorModule,
+    output_dir: Path,
+    trainer: L.Trainer,
+    *,
+    samples: list[tuple[str, int]] | None = None,
+    writers: list | None = None,
+    tb_prefix: str = "test",
+    settings: dict | None = None,
+    title: str | None = None,
+) -> dict:
+    """Print the report of the last ``trainer.test`` and write it into ``output_dir``:
+    metrics.json, predictions.csv, figures, and TensorBoard scalars, PR curve and figures.
+
+    ``samples`` (path, label) are the test images in loader order (default: the attached
+    data module's test set); ``writers`` are TensorBoard ``SummaryWriter``s (default: the
+    trainer's loggers', whose test scalars Lightning has already logged).
+    """
+    # Under DDP each rank holds the predictions of its own shard: the report needs all of them.
+    probs = gather_rows(
+        trainer, torch.cat(model.test_probs) if model.test_probs else torch.empty(0)
+    )
+    targets = gather_rows(
+        trainer,
+        torch.cat(model.test_targets) if model.test_targets else torch.empty(0, dtype=torch.long),
+    )
+    settings = settings or report_settings()
+    hp = model.hparams
+    loss = trainer.callback_metrics.get("test/loss")
+    report = evaluation_report(
+        probs,
+        targets,
+        hp.class_names,
+        hp.positive_class,
+        model.threshold,
+        loss=None if loss is None else float(loss),
+        threshold_fit=model.threshold_fit,
+        bootstrap_resamples=settings["bootstrap_resamples"],
+        bootstrap_seed=settings["bootstrap_seed"],
+        calibration_bins=settings["calibration_bins"],
+    )
+    if not trainer.is_global_zero:
+        return report
+    print("\n" + (f"== {title} ==\n" if title else "") + format_report(report))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json(report, output_dir / "metrics.json")
+    if samples is None:
+        test_set = getattr(trainer.datamodule, "test_set", None) if trainer.datamodule else None
+        samples = list(test_set.samples) if test_set is not None else None
+    # limit_test_batches / fast_dev_run test a prefix on one device; under DDP a prefix of each
+    # rank's shard, which names no prefix of the samples: no per-image output then.
+    partial_ok = trainer.world_size == 1
+    if (
+        samples is not None
+        and len(samples) >= len(probs)
+        and (partial_ok or len(samples) == len(probs))
+    ):
+        samples = samples[: len(probs)]
+        write_predictions(
+            output_dir / "predictions.csv", [p for p, _ in samples], probs, targets, model.threshold
+        )
+    skip: tuple[str, ...] = ()
+    if writers is None:
+        writers = tensorboard_writers(trainer.loggers)
+        skip = (*_LOGGED_BY_LIGHTNING, "accuracy")
+    pos = hp.positive_class
+    figures = {
+        "confusion_matrix": plot_confusion_matrix(report),
+        "roc_curve": plot_roc(probs, targets, pos, hp.class_names[pos]),
+        "pr_curve": plot_pr_curve(probs, targets, pos, hp.class_names[pos]),
+        "reliability": plot_reliability(report),
+    }
+    if samples is not None and len(samples) == len(probs) and settings["confident_images"]:
+        figures["confident"] = _confident_grid(
+            samples, probs, targets, model, settings["confident_images"]
+        )
+    step = trainer.global_step
+    for writer in writers:
+        log_report(writer, tb_prefix, report, probs, targets, step=step, skip=skip)
+    for name, fig in figures.items():
+        publish_figure(fig, output_dir / f"{name}.png", writers, f"{tb_prefix}/{name}", step)
+    for writer in writers:
+        writer.flush()
+    return report
+
+
+def _confident_grid(
+    samples: list[tuple[str, int]],
+    probs: torch.Tensor,
+    targets: torch.Tensor,
+    model: DetectorModule,
+    k: int,
+):
+    names = list(model.hparams.class_names)
+    picked = most_confident(probs, targets, model.threshold, k)
+    images, titles = {}, {}
+    for row, indices in picked.items():
+        images[row] = [load_image(samples[i][0], int(model.hparams.image_size)) for i in indices]
+        titles[row] = []
+        for i in indices:
+            p = float(probs[i])
+            predicted = int(p >= model.threshold)
+            confidence = p if predicted == 1 else 1 - p
+            titles[row].append(f"{names[int(targets[i])]}: P({names[predicted]})={confidence:.3f}")
+    return plot_confident_grid(images, titles, k)

@@ -1,0 +1,134 @@
+"""``train(cfg)`` and ``evaluate(cfg)``: plain functions that the entry points and tests call.
+
+Everything here runs on every DDP rank; files and prints are rank-zero only.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from detector.checkpoint import (
+    check_resume_checkpoint,
+    resolve_ckpt_path,
+    run_folder_of,
+    safe_loading,
+)
+from detector.config import check_train_settings
+from detector.data.datamodule import ImageFolderDataModule
+from detector.distributed import (
+    check_launch,
+    keep_files_to_rank_zero,
+    launch_rank,
+)
+from detector.evaluation.results import write_test_report
+from detector.module import DetectorModule
+from detector.tasks.trainer import build_trainer
+from detector.weights import check_backbone
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, keep the best checkpoint by val AUROC, then test it. Returns the final metrics."""
+    check_train_settings(cfg)
+    if OmegaConf.select(cfg, "model.backbone") is not None:
+        check_backbone(cfg.model.backbone)  # before the data scan, which can take a while
+    resume = _resume_from(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule: ImageFolderDataModule = hydra.utils.instantiate(cfg.data)
+    if isinstance(datamodule, ImageFolderDataModule):
+        datamodule.check_layout()  # folder mistakes before the model is even built
+    model: DetectorModule = hydra.utils.instantiate(cfg.model)
+    if resume is not None:
+        check_resume_checkpoint(resume, model)
+    trainer = build_trainer(cfg, output_dir)
+    _start_ranks(trainer, datamodule, sync_batchnorm=bool(cfg.trainer.get("sync_batchnorm")))
+
+    with safe_loading():  # resume reads the checkpoint with weights_only=True
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if trainer.interrupted:
+        rank_zero_only(log.warning)("training was interrupted; last checkpoint: %s", best)
+        return metrics
+
+    # Under DDP every rank tests its own shard of the test set with the best checkpoint (one
+    # Trainer, one process group: no rank waits for another) and write_test_report gathers them.
+    if cfg.get("test") and datamodule.has_test:
+        # Test in float32 whatever precision trained (bf16 by default on bf16 hardware): the
+        # numbers then equal what eval.py, predict.py and exported models give for this checkpoint.
+        trainer.strategy.precision_plugin = Precision()
+        with safe_loading():
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        write_test_report(model, output_dir, trainer)
+    elif cfg.get("test"):
+        root = getattr(datamodule, "root", None)
+        where = f"{root / 'test'} (or data.test_dir)" if root else "(data.test_dir is not set)"
+        rank_zero_only(log.info)("no test folder %s: test skipped", where)
+
+    metrics["best_model_path"] = best
+    _print_next_steps(best, trainer)
+    return metrics
+
+
+def _resume_from(cfg: DictConfig) -> Path | None:
+    """The checkpoint ``ckpt_path`` names (``last``: the newest last.ckpt of earlier runs of this
+    task). A resumed run continues in the folder of the run that wrote it, so its checkpoints,
+    best-model bookkeeping, history and report stay together; this session's own folder keeps
+    only its log and config."""
+    resume = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
+    if resume is None:
+        return None
+    run_dir = run_folder_of(resume)
+    if run_dir is not None and run_dir != Path(cfg.paths.output_dir).resolve():
+        rank_zero_only(log.info)(
+            "resuming %s: training continues in %s (this session's log: %s)",
+            resume,
+            run_dir,
+            cfg.paths.output_dir,
+        )
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(run_dir)
+    else:
+        rank_zero_only(log.info)("resuming from %s", resume)
+    return resume
+
+
+def _start_ranks(
+    trainer: L.Trainer, datamodule: ImageFolderDataModule, sync_batchnorm: bool
+) -> None:
+    """Every process runs the code before ``fit``: refuse bad launches while there is only
+    one process, then keep log files and prints to global rank 0."""
+    world = trainer.num_devices * trainer.num_nodes
+    per_device = datamodule.per_device_batch_size(world)
+    check_launch(trainer, HydraConfig.get() if HydraConfig.initialized() else None, sync_batchnorm)
+    rank = launch_rank(trainer)
+    rank_zero_only.rank = rank  # Lightning sets it inside fit; prints before that need it too
+    keep_files_to_rank_zero(rank)
+    rank_zero_only(log.info)(
+        "%d process(es) (%d device(s) x %d node(s), %s): global batch %d, %d per process",
+        world,
+        trainer.num_devices,
+        trainer.num_nodes,
+        type(trainer.strategy).__name__,
+        datamodule.batch_size,
+        per_device,
+    )
+
+
+@rank_zero_only
+def _print_next_steps(best: str, trainer: L.Trainer) -> None:
+    print(f"\nBest checkpoint: {best}")
+    print(f"Run folder:      {trainer.default_root_dir}")
+    print("Look further:    tensorboard --logdir logs")
+    print(f"                 python eval.py ckpt={best}")
