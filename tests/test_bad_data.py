@@ -22,7 +22,7 @@ from PIL import Image
 
 import detector.data.scan as scan
 from detector.data.datamodule import ImageFolderDataModule
-from detector.data.decode import decode_image, load_image
+from detector.data.decode import DEFAULT_MAX_PIXELS, load_image, open_image, to_rgb
 from detector.data.scan import check_file, scan_folder
 from detector.errors import DataError
 from tests.conftest import TINY, compose_config, make_image_folder
@@ -178,6 +178,13 @@ def test_scan_names_every_bad_file_with_its_reason(bad_root):
     assert len(result.good["REAL"]) == 12 + len(ODD) and len(result.good["FAKE"]) == 12
     listed = {Path(b.path).name for b in result.bad} | good
     assert not {Path(h).name for h in HIDDEN} & listed  # hidden files: neither bad nor data
+
+
+def decode_image(path: Path):
+    """A file as the RGB image the loaders start from: opened and checked, then converted."""
+    with open_image(path, DEFAULT_MAX_PIXELS) as img:
+        img.load()
+        return to_rgb(img)
 
 
 def test_odd_images_become_the_rgb_a_viewer_shows(bad_root):

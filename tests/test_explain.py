@@ -9,7 +9,7 @@ from PIL import Image
 from detector.checkpoint import load_checkpoint
 from detector.data.decode import load_image
 from detector.errors import ConfigError
-from detector.tasks.explain import explain_figure, explain_maps, gradcam_layer
+from detector.tasks.explain import draw_explanations, explain_maps, gradcam_layer
 from tests.conftest import run_script
 
 
@@ -75,7 +75,9 @@ def test_flip_averaged_model_is_explained_one_map_per_image(module_and_images):
 
 def test_figure_for_tensorboard_and_layer_choice(module_and_images):
     module, images = module_and_images
-    fig = explain_figure(module, images[:2], titles=["a", "b"], n_steps=4, display_size=64)
+    result = explain_maps(module, images[:2], n_steps=4)
+    names = list(module.hparams.class_names)
+    fig = draw_explanations(images[:2], result, names, titles=["a", "b"], display_size=64)
     assert len(fig.axes) == 6
     assert fig.axes[0].get_title().startswith("a\n")
     assert "Grad-CAM for" in fig.axes[1].get_title()

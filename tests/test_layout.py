@@ -158,3 +158,19 @@ def test_long_functions_say_why():
                 if n > MAX_FUNCTION_LINES and "One piece:" not in (ast.get_docstring(fn) or ""):
                     long.append(f"{path.relative_to(ROOT)}:{fn.lineno} {fn.name} ({n} lines)")
     assert not long, "\n".join(long)
+
+
+def test_readme_layout_names_every_module():
+    """The README's Layout section is where a reader finds each job: it names every file."""
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout") :]
+    layout = layout[: layout.index("\n## ")] if "\n## " in layout else layout
+    missing = []
+    for p in sorted(PACKAGE.rglob("*.py")):
+        if p.name == "__init__.py":
+            continue
+        rel = p.relative_to(PACKAGE)
+        folder = f"{rel.parent}/" if rel.parent.name else None
+        if rel.name not in layout or (folder and folder not in layout):
+            missing.append(str(rel))
+    assert not missing, f"README Layout does not name: {missing}"

@@ -141,7 +141,7 @@ def test_flip_average_scores_the_mean_of_an_image_and_its_mirror_outside_trainin
 
 def test_label_smoothing_softens_training_targets_only():
     torch.manual_seed(0)
-    module = DetectorModule("test_resnet", label_smoothing=0.2, image_size=32)
+    module = DetectorModule(backbone="test_resnet", label_smoothing=0.2, image_size=32)
     module.log_dict = module.log = lambda *a, **k: None  # no Trainer to log to
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     targets = torch.tensor([0, 1, 1, 0])
@@ -173,7 +173,7 @@ def test_drop_path_rate_reaches_the_backbone_blocks():
 )
 def test_regularisation_settings_out_of_range_are_config_errors(kwargs, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        DetectorModule("test_resnet", **kwargs)
+        DetectorModule(backbone="test_resnet", **kwargs)
 
 
 def test_drop_path_on_a_backbone_without_it_names_both_settings():

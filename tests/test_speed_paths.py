@@ -88,7 +88,7 @@ def test_module_resizes_batches_on_the_device():
     assert torch.equal(images, resize_batch(x, 32))
     seen = []
     model.net.forward = lambda batch: seen.append(batch.shape) or torch.zeros(len(batch))
-    model.predict_step(x, 0)
+    model.validation_step((x, torch.tensor([0, 1])), 0)
     model.training_step((x, torch.tensor([0, 1])), 0)
     assert seen == [(2, 3, 32, 32)] * 2
 

@@ -1,4 +1,5 @@
-"""Scoring one's own images: the :class:`Detector` Python API and the ``predict`` task.
+"""Scoring one's own images outside Lightning: the :class:`Detector` Python API, which
+predict.py, explain.py, export's checks and the robustness sweep score through.
 
 Preprocessing is eval's, step for step: files go through :func:`detector.data.decode.load_image`
 (RGB, bilinear resize only when not already S x S, uint8) and the network normalises inside
@@ -137,8 +138,7 @@ class Detector:
     @torch.inference_mode()
     def score(self, images: torch.Tensor) -> torch.Tensor:
         """P(class 1) for a uint8 batch (N, 3, S, S), on the CPU, as eval's test step."""
-        logits = self.net(images.to(self.device)).float()
-        return torch.sigmoid(logits).cpu()
+        return self.net.probability(images.to(self.device)).cpu()
 
     def _batches(self, inputs: Any, batch_size: int) -> Iterator[torch.Tensor]:
         if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:

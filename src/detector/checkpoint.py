@@ -17,10 +17,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import os
 import pickle
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,9 +27,9 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from detector.errors import CheckpointError, DetectorError
-from detector.files import FILE_MODE, first_line
-from detector.module import DetectorModule
+from detector.errors import CheckpointError, DetectorError, ckpt_not_set
+from detector.files import atomic_file, first_line
+from detector.module import NET_SETTINGS, DetectorModule
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +55,7 @@ def load_checkpoint_file(
 ) -> dict[str, Any]:
     """The checkpoint's dict, read without running any code it may hold."""
     if not path:
-        raise CheckpointError(
-            f"{setting} is not set: pass {setting}=PATH to a .ckpt file written by train.py"
-        )
+        raise CheckpointError(ckpt_not_set(setting))
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{setting}={path}: no such file")
@@ -147,7 +143,7 @@ def load_checkpoint(path: str | Path | None, map_location: str = "cpu"):
     checkpoint = load_checkpoint_file(path, map_location)
     path = Path(path).expanduser()
     _check_is_detector(checkpoint, path, "ckpt")
-    accepted = inspect.signature(DetectorModule.__init__).parameters
+    accepted = {*inspect.signature(DetectorModule.__init__).parameters, *NET_SETTINGS}
     kwargs = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
     try:
         model = DetectorModule(**kwargs)
@@ -225,34 +221,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.fchmod(fd, FILE_MODE)
-            with os.fdopen(fd, "wb") as f:
+            with atomic_file(path, "wb", durable=True) as f:
                 self._dump(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            tmp = None
-            _fsync_dir(path.parent)
         except OSError as e:
             kept = f"the previous {path.name} is unchanged" if path.exists() else "nothing written"
             raise CheckpointError(
                 f"could not save checkpoint {path} ({e.strerror or e}); {kept}"
             ) from None
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (a power cut right after could otherwise undo it)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -19,3 +19,8 @@ class CheckpointError(DetectorError):
 
 class NonFiniteLossError(DetectorError):
     """The loss became NaN or infinite: training stopped before it reached the weights."""
+
+
+def ckpt_not_set(setting: str = "ckpt") -> str:
+    """The one wording of a command run without its checkpoint."""
+    return f"{setting} is not set: pass {setting}=PATH to a .ckpt file written by train.py"

@@ -61,6 +61,10 @@ class SEClassifier(nn.Module):
         drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"model.dropout={dropout} must be in [0, 1)")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ConfigError(f"model.drop_path_rate={drop_path_rate} must be in [0, 1)")
         self.flip_average = flip_average
         self.backbone = create_backbone(backbone, pretrained, weights_file, drop_path_rate)
         if matmul_convs:  # faster CPU training on small maps (detector.matmul_conv)
@@ -76,6 +80,11 @@ class SEClassifier(nn.Module):
         cfg = timm.data.resolve_data_config({}, model=self.backbone)
         self.register_buffer("mean", torch.tensor(cfg["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg["std"]).view(1, 3, 1, 1), persistent=False)
+
+    def probability(self, x: torch.Tensor) -> torch.Tensor:
+        """P(class 1) in float32: the one definition of a score that the API, explain and the
+        robustness sweep share (and eval's test step computes the same way)."""
+        return torch.sigmoid(self(x).float())
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:

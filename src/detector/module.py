@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -43,6 +44,32 @@ def binary_metrics(prefix: str) -> MetricCollection:
     )
 
 
+_NET_SIGNATURE = inspect.signature(SEClassifier).parameters
+NET_SETTINGS = tuple(_NET_SIGNATURE)
+NET_DEFAULTS = {k: p.default for k, p in _NET_SIGNATURE.items()}
+
+
+def _check_settings(
+    positive_class: int,
+    threshold: float,
+    threshold_rule: str,
+    target_fpr: float,
+    label_smoothing: float,
+) -> None:
+    if positive_class not in (0, 1):
+        raise ConfigError(f"model.positive_class={positive_class} must be 0 or 1")
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"model.threshold={threshold} must be in [0, 1]")
+    if threshold_rule not in THRESHOLD_RULES:
+        raise ConfigError(
+            f"model.threshold_rule={threshold_rule!r} must be one of {', '.join(THRESHOLD_RULES)}"
+        )
+    if not 0.0 <= target_fpr < 1.0:
+        raise ConfigError(f"model.target_fpr={target_fpr} must be in [0, 1)")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ConfigError(f"model.label_smoothing={label_smoothing} must be in [0, 1)")
+
+
 class DetectorModule(L.LightningModule):
     """The network's one logit is for class index 1 (REAL in CIFAKE); metrics are reported for
     ``positive_class`` (1 by default, as the seed reports REAL precision/recall).
@@ -55,59 +82,35 @@ class DetectorModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone: str = "resnet50",
-        pretrained: bool = False,
-        weights_file: str | None = None,
-        se_reduction: int = 16,
-        hidden_dim: int = 128,
-        dropout: float = 0.5,
-        flip_average: bool = False,
-        matmul_convs: bool = True,
-        drop_path_rate: float = 0.0,
-        label_smoothing: float = 0.0,
         image_size: int = 224,
         class_names: Sequence[str] = ("FAKE", "REAL"),
         positive_class: int = 1,
         threshold: float = 0.5,
         threshold_rule: str = "balanced_accuracy",
         target_fpr: float = 0.05,
+        label_smoothing: float = 0.0,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         scheduler_interval: str = "epoch",
         channels_last: bool = False,
         compile: bool = False,
+        **net: Any,
     ) -> None:
+        """``net``: the network's own settings (:data:`NET_SETTINGS`: ``backbone``,
+        ``pretrained``, ``se_reduction``, ``dropout``, ...), by keyword, handed to
+        :class:`SEClassifier` as they are and saved as hyper-parameters beside the module's."""
         super().__init__()
-        if positive_class not in (0, 1):
-            raise ConfigError(f"model.positive_class={positive_class} must be 0 or 1")
-        if not 0.0 < dropout < 1.0 and dropout != 0.0:
-            raise ConfigError(f"model.dropout={dropout} must be in [0, 1)")
-        if not 0.0 <= threshold <= 1.0:
-            raise ConfigError(f"model.threshold={threshold} must be in [0, 1]")
-        if threshold_rule not in THRESHOLD_RULES:
+        unknown = sorted(set(net) - set(NET_SETTINGS))
+        if unknown:
             raise ConfigError(
-                f"model.threshold_rule={threshold_rule!r} must be one of "
-                f"{', '.join(THRESHOLD_RULES)}"
+                f"model.{unknown[0]} is not a setting of the model (the network takes "
+                f"{', '.join(NET_SETTINGS)})"
             )
-        if not 0.0 <= target_fpr < 1.0:
-            raise ConfigError(f"model.target_fpr={target_fpr} must be in [0, 1)")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ConfigError(f"model.label_smoothing={label_smoothing} must be in [0, 1)")
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ConfigError(f"model.drop_path_rate={drop_path_rate} must be in [0, 1)")
+        _check_settings(positive_class, threshold, threshold_rule, target_fpr, label_smoothing)
+        net = {**NET_DEFAULTS, **net}  # every setting in the checkpoint, defaults included
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.hparams["class_names"] = list(class_names)
-        self.net = SEClassifier(
-            backbone,
-            pretrained,
-            weights_file,
-            se_reduction,
-            hidden_dim,
-            dropout,
-            flip_average,
-            matmul_convs,
-            drop_path_rate,
-        )
+        self.net = SEClassifier(**net)
         if channels_last:  # NHWC: the layout oneDNN / cuDNN convolutions run fastest in
             self.net.to(memory_format=torch.channels_last)
         self.loss_fn = nn.BCEWithLogitsLoss()
@@ -261,10 +264,6 @@ class DetectorModule(L.LightningModule):
         _, probs = self._step(batch, self.test_metrics, "test")
         self.test_probs.append(probs.detach().cpu())
         self.test_targets.append(batch[1].detach().cpu())
-
-    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images = batch[0] if isinstance(batch, list | tuple) else batch
-        return torch.sigmoid(self(self.prepare(images)).float())
 
     def on_test_epoch_start(self) -> None:
         self.test_probs.clear()

@@ -1,4 +1,5 @@
-"""Image folders -> batches: class discovery, the seeded train/val split, decoding and loaders.
+"""Image folders -> batches: the Lightning data module (layout checks, the start-up scan, the
+seeded train/val split, loaders sharded for DDP).
 
 Batches hold uint8 images at ``decode_size`` (default ``image_size``); the model resizes them
 to ``image_size`` on its device when they differ, then converts and normalises them, so the host
@@ -43,6 +44,35 @@ from detector.files import display
 log = logging.getLogger(__name__)
 
 
+def _check_settings(
+    image_size: int,
+    batch_size: int,
+    num_workers: int,
+    max_pixels: int,
+    min_size: int,
+    decode_size: int | None,
+    shift: int,
+) -> None:
+    for name, value in (("max_pixels", max_pixels), ("min_size", min_size)):
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"data.{name}={value} must be a positive integer")
+    for name, value in (("image_size", image_size), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"data.{name}={value} must be a positive integer")
+    if num_workers < 0:
+        raise ConfigError(f"data.num_workers={num_workers} must be >= 0")
+    if decode_size is not None and (not isinstance(decode_size, int) or decode_size <= 0):
+        raise ConfigError(f"data.decode_size={decode_size} must be a positive integer or null")
+    if not isinstance(shift, int) or shift < 0:
+        raise ConfigError(f"data.shift={shift} must be a whole number of pixels >= 0")
+    decoded = decode_size or image_size
+    if shift >= decoded:
+        raise ConfigError(
+            f"data.shift={shift} must be smaller than the images the loader decodes "
+            f"({decoded} px, data.decode_size or data.image_size)"
+        )
+
+
 class ImageFolderDataModule(L.LightningDataModule):
     """``root/train/{A,B}`` split 80/20 into train/val, and ``root/test/{A,B}`` when present.
 
@@ -74,14 +104,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("max_pixels", max_pixels), ("min_size", min_size)):
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"data.{name}={value} must be a positive integer")
-        for name, value in (("image_size", image_size), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"data.{name}={value} must be a positive integer")
-        if num_workers < 0:
-            raise ConfigError(f"data.num_workers={num_workers} must be >= 0")
+        _check_settings(
+            image_size, batch_size, num_workers, max_pixels, min_size, decode_size, shift
+        )
         self.train_dir = Path(train_dir) if train_dir else (Path(root) / "train" if root else None)
         self.root = Path(root) if root else None
         self._test_dir = Path(test_dir) if test_dir else None
@@ -105,16 +130,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         # Loaders decode at decode_size and the model's device resizes batches to image_size
         # (detector.data.preprocess); cache: a memory-mapped array of decoded images
         # (detector.data.cache).
-        if decode_size is not None and (not isinstance(decode_size, int) or decode_size <= 0):
-            raise ConfigError(f"data.decode_size={decode_size} must be a positive integer or null")
         self.decode_size = decode_size or image_size
-        if not isinstance(shift, int) or shift < 0:
-            raise ConfigError(f"data.shift={shift} must be a whole number of pixels >= 0")
-        if shift >= self.decode_size:
-            raise ConfigError(
-                f"data.shift={shift} must be smaller than the images the loader decodes "
-                f"({self.decode_size} px, data.decode_size or data.image_size)"
-            )
         self.shift = shift
         self.cache = bool(cache)
         self.cache_dir = cache_dir

@@ -16,7 +16,7 @@ from typing import IO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as F
 
 from detector.errors import DataError
@@ -110,18 +110,6 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
         canvas = Image.new("RGBA", rgba.size, (*background, 255))
         return Image.alpha_composite(canvas, rgba).convert("RGB")
     return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def decode_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A file as an RGB image, oriented; raises DataError with the reason when it is not one."""
-    try:
-        with open_image(path, max_pixels) as img:
-            img.load()
-            return to_rgb(img)
-    except DataError:
-        raise
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise DataError(f"{display(path)}: {reason_from_exception(e)}") from None
 
 
 def load_image(path: str, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:

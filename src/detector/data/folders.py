@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from detector.data.decode import (
-    IMAGE_EXTENSIONS,
-)
 from detector.data.scan import (
     is_ignored,
-    walk_class_folder,
 )
 from detector.errors import ConfigError, DataError
 
@@ -37,24 +32,6 @@ def find_classes(folder: str | Path) -> list[str]:
             f"{len(classes)}: {classes}{hint}"
         )
     return classes
-
-
-def list_images(folder: str | Path, classes: Sequence[str]) -> list[tuple[str, int]]:
-    """(path, class index) for every image below each class folder, in a stable sorted order.
-
-    Only lists by extension; :meth:`ImageFolderDataModule.setup` scans the files instead.
-    """
-    samples: list[tuple[str, int]] = []
-    for index, name in enumerate(classes):
-        class_dir = Path(folder) / name
-        files, _ = walk_class_folder(class_dir)
-        found = [f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-        if not found:
-            raise DataError(
-                f"class folder {class_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
-            )
-        samples.extend((p, index) for p in sorted(found))
-    return samples
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

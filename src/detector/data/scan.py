@@ -4,10 +4,9 @@ Folders scraped from the web hold empty files, truncated downloads, HTML error p
 ``.jpg``, formats PIL cannot read, decompression bombs, tracking pixels and symlink loops. Every
 file is opened and decoded once (JPEGs at reduced scale, so a 12 MP photo costs about as much as a
 thumbnail), in parallel, and the verdicts are cached next to the data keyed by (size, mtime,
-ctime), so later runs only re-check files that changed. Image decoding for training lives here
-too, so the scan and the loader can never disagree about what a readable image is.
-
-This module does not import torch: the scan runs in forked worker processes.
+ctime), so later runs only re-check files that changed. The scan decodes through
+:mod:`detector.data.decode`, as the loaders do, so they never disagree about what a readable
+image is. Workers are forked, so they start in milliseconds.
 """
 
 from __future__ import annotations
@@ -262,6 +261,32 @@ def _check_parallel(
         return [reason for part in pool.map(_check_many, jobs) for reason in part]
 
 
+def _cached_verdicts(
+    listed: dict[str, list[str]], cache: dict[str, list], cut: int, result: ScanResult
+) -> tuple[dict[str, str | None], dict[str, list], list[str]]:
+    """Verdicts of files unchanged since the cache was written (same size, mtime and ctime),
+    each file's cache key, and the files that must be checked again."""
+    verdicts: dict[str, str | None] = {}
+    keys: dict[str, list] = {}
+    to_check: list[str] = []
+    for files in listed.values():
+        for path in files:
+            try:
+                st = os.stat(path)
+            except OSError as e:
+                verdicts[path] = reason_from_exception(e)
+                continue
+            key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+            keys[path] = key
+            hit = cache.get(path[cut:])
+            if hit is not None and hit[:3] == key:
+                verdicts[path] = hit[3]
+                result.cached += 1
+            else:
+                to_check.append(path)
+    return verdicts, keys, to_check
+
+
 def scan_folder(
     folder: str | Path,
     classes: Sequence[str],
@@ -284,27 +309,7 @@ def scan_folder(
         listed[name] = files
         result.bad.extend(bad)
 
-    new_cache: dict[str, list] = {}
-    verdicts: dict[str, str | None] = {}
-    to_check: list[str] = []
-    keys: dict[str, list] = {}
-    for files in listed.values():
-        for path in files:
-            try:
-                st = os.stat(path)
-            except OSError as e:
-                verdicts[path] = reason_from_exception(e)
-                continue
-            rel = path[cut:]
-            key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-            keys[path] = key
-            hit = cache.get(rel)
-            if hit is not None and hit[:3] == key:
-                verdicts[path] = hit[3]
-                result.cached += 1
-            else:
-                to_check.append(path)
-
+    verdicts, keys, to_check = _cached_verdicts(listed, cache, cut, result)
     if to_check:
         n_workers = workers or _usable_cpus()
         if len(to_check) >= PARALLEL_THRESHOLD:
@@ -321,6 +326,7 @@ def scan_folder(
             verdicts[path] = reason
         result.checked = len(to_check)
 
+    new_cache: dict[str, list] = {}
     for name, files in listed.items():
         good = []
         for path in files:

@@ -17,13 +17,11 @@ from torchmetrics.functional.classification import (  # noqa: E402
     binary_roc,
 )
 
-from detector.evaluation.metrics import (
-    FPR_LEVELS,
-    positive_view,
-    ranking_metrics,
-    tpr_at_fpr_key,
-)
-from detector.evaluation.report import fmt_number
+from detector.evaluation.metrics import positive_view, ranking_metrics
+from detector.evaluation.report import fmt_number, scalar_keys
+
+# The robustness figure's rows.
+ROBUSTNESS_METRICS = ("accuracy", "auroc")
 
 
 def plot_confusion_matrix(report: Mapping) -> plt.Figure:
@@ -201,12 +199,12 @@ def plot_robustness(rows: Sequence[Mapping], kinds: Sequence[str]) -> plt.Figure
             ticks = [
                 "clean" if r["degradation"] == "none" else f"{r['strength']:g}" for r in points
             ]
-            for r_, metric in enumerate(("accuracy", "auroc")):
+            for r_, metric in enumerate(ROBUSTNESS_METRICS):
                 axes[r_, c].plot(range(len(points)), [p[metric] for p in points], "o-", label=s)
                 axes[r_, c].set_xticks(range(len(points)), ticks)
         axes[1, c].set_xlabel(labels.get(kind, kind))
         axes[0, c].set_title(kind)
-        for r_, metric in enumerate(("accuracy", "auroc")):
+        for r_, metric in enumerate(ROBUSTNESS_METRICS):
             axes[r_, c].set_ylim(0, 1.02)
             axes[r_, c].grid(alpha=0.3)
             if c == 0:
@@ -227,22 +225,7 @@ def log_report(
 ) -> None:
     """Scalars of ``report`` and TensorBoard's own PR curve, under ``prefix/`` (``writer`` is a
     ``SummaryWriter``); ``skip`` leaves out scalars already logged elsewhere."""
-    keys = [
-        "loss",
-        "threshold",
-        "accuracy",
-        "balanced_accuracy",
-        *(f"accuracy_{n}" for n in report["class_names"]),
-        "precision",
-        "recall",
-        "f1",
-        "auroc",
-        "average_precision",
-        *(tpr_at_fpr_key(x) for x in FPR_LEVELS),
-        "eer",
-        "ece",
-    ]
-    for key in keys:
+    for key in ["loss", "threshold", *scalar_keys(report["class_names"])]:
         if key in report and key not in skip and not math.isnan(report[key]):
             writer.add_scalar(f"{prefix}/{key}", report[key], global_step=step)
     for row in report.get("thresholds", []):

@@ -1,6 +1,6 @@
 """What a run shows a person: the evaluation report (the seed's metrics, confusion matrix and
-per-class table, extended with the numbers forensics papers report), its figures, tables and the
-JSON/CSV files that hold the numbers."""
+per-class table, extended with the numbers forensics papers report), its text, tables and the
+JSON/CSV files that hold the numbers (figures: :mod:`detector.evaluation.plots`)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,28 @@ from detector.evaluation.metrics import (
     tpr_at_fpr_key,
 )
 
+# The seed's headline numbers, printed first; Lightning logs these itself during ``trainer.test``.
+HEADLINE_KEYS = ("loss", "accuracy", "precision", "recall", "f1", "auroc")
+# Numbers of each class's row of the classification report, and of its averages.
+CLASS_KEYS = ("precision", "recall", "f1")
+# Numbers given a bootstrap confidence interval.
+CI_KEYS = ("accuracy", "f1", "auroc")
 # Threshold-dependent numbers shown for every threshold the report compares.
 THRESHOLD_KEYS = ("accuracy", "balanced_accuracy", "precision", "recall", "f1")
+# Column heads of the per-threshold table where the key is too wide.
+_SHORT_HEADS = {"balanced_accuracy": "bal. acc"}
+TPR_KEYS = tuple(tpr_at_fpr_key(x) for x in FPR_LEVELS)
+_SCALAR_TAIL = (*CLASS_KEYS, "auroc", "average_precision", *TPR_KEYS, "eer", "ece")
+
+
+def class_accuracy_keys(class_names: Sequence[str]) -> list[str]:
+    return [f"accuracy_{n}" for n in class_names]
+
+
+def scalar_keys(class_names: Sequence[str]) -> list[str]:
+    """The one-number metrics of a report in table order, shared by the summary table and
+    TensorBoard so that both show the same numbers."""
+    return ["accuracy", "balanced_accuracy", *class_accuracy_keys(class_names), *_SCALAR_TAIL]
 
 
 def evaluation_report(
@@ -53,9 +73,67 @@ def evaluation_report(
     probs = probs.float().flatten().cpu()
     targets = targets.long().flatten().cpu()
     names = list(class_names)
-    pos = names[positive_class]
     at = threshold_metrics(probs, targets, threshold, names, positive_class)
     cm = torch.tensor(at["confusion_matrix"])
+    table = _classification_table(cm, names)
+    ranking = ranking_metrics(probs, targets, positive_class)
+    calibration = reliability_bins(probs, targets, positive_class, calibration_bins)
+    ci = bootstrap_ci(
+        probs, targets, threshold, positive_class, bootstrap_resamples, bootstrap_seed
+    )
+    source = threshold_source(threshold_fit, threshold, default_threshold)
+    report = {
+        **_operating_point(names, positive_class, threshold, source, int(cm.sum())),
+        **_headline(at, table["per_class"][names[positive_class]], ranking, calibration, names),
+        "ci95": {k: ci[k] for k in CI_KEYS},
+        "bootstrap": {k: ci[k] for k in ("resamples", "seed", "level")},
+        "thresholds": threshold_table(
+            probs, targets, names, positive_class, threshold, threshold_fit, default_threshold
+        ),
+        **table,
+        "reliability": {"bins": calibration["bins"], "n_bins": calibration_bins},
+    }
+    if threshold_fit:
+        report["threshold_fit"] = dict(threshold_fit)
+    if loss is not None:
+        report["loss"] = loss
+    return report
+
+
+def _operating_point(
+    names: list[str], positive_class: int, threshold: float, source: str, n: int
+) -> dict:
+    """What the numbers are about, in words, so that metrics.json reads on its own."""
+    pos = names[positive_class]
+    return {
+        "n": n,
+        "positive_class": pos,
+        "probability": f"P({names[1]}): class {names[1]} is predicted when it is >= threshold",
+        "fpr": f"share of {names[1 - positive_class]} images predicted {pos}",
+        "threshold": float(threshold),
+        "threshold_source": source,
+    }
+
+
+def _headline(
+    at: Mapping, positive_row: Mapping, ranking: Mapping, calibration: Mapping, names: list[str]
+) -> dict:
+    """The seed's numbers first, then the forensics ones, in the order metrics.json keeps."""
+    return {
+        "accuracy": at["accuracy"],
+        **{k: positive_row[k] for k in CLASS_KEYS},
+        "auroc": ranking["auroc"],
+        "balanced_accuracy": at["balanced_accuracy"],
+        **{k: at[k] for k in class_accuracy_keys(names)},
+        "average_precision": ranking["average_precision"],
+        **{k: ranking[k] for k in TPR_KEYS},
+        "eer": ranking["eer"],
+        "ece": calibration["ece"],
+    }
+
+
+def _classification_table(cm: torch.Tensor, names: list[str]) -> dict:
+    """scikit-learn's classification report: each class in turn taken as positive."""
     per_class = {}
     for c, name in enumerate(names):
         tp = int(cm[c, c])
@@ -65,56 +143,14 @@ def evaluation_report(
         recall = tp / support if support else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
-    total = int(cm.sum())
-    macro = {
-        k: sum(r[k] for r in per_class.values()) / len(per_class)
-        for k in ("precision", "recall", "f1")
-    }
-    weighted = {
-        k: sum(r[k] * r["support"] for r in per_class.values()) / max(total, 1)
-        for k in ("precision", "recall", "f1")
-    }
-    ranking = ranking_metrics(probs, targets, positive_class)
-    calibration = reliability_bins(probs, targets, positive_class, calibration_bins)
-    ci = bootstrap_ci(
-        probs, targets, threshold, positive_class, bootstrap_resamples, bootstrap_seed
-    )
-    negative = names[1 - positive_class]
-    report = {
-        "n": total,
-        "positive_class": pos,
-        "probability": f"P({names[1]}): class {names[1]} is predicted when it is >= threshold",
-        "fpr": f"share of {negative} images predicted {pos}",
-        "threshold": float(threshold),
-        "threshold_source": threshold_source(threshold_fit, threshold, default_threshold),
-        "accuracy": at["accuracy"],
-        "precision": per_class[pos]["precision"],
-        "recall": per_class[pos]["recall"],
-        "f1": per_class[pos]["f1"],
-        "auroc": ranking["auroc"],
-        "balanced_accuracy": at["balanced_accuracy"],
-        **{f"accuracy_{name}": at[f"accuracy_{name}"] for name in names},
-        "average_precision": ranking["average_precision"],
-        **{tpr_at_fpr_key(x): ranking[tpr_at_fpr_key(x)] for x in FPR_LEVELS},
-        "eer": ranking["eer"],
-        "ece": calibration["ece"],
-        "ci95": {k: ci[k] for k in ("accuracy", "f1", "auroc")},
-        "bootstrap": {k: ci[k] for k in ("resamples", "seed", "level")},
-        "thresholds": threshold_table(
-            probs, targets, names, positive_class, threshold, threshold_fit, default_threshold
-        ),
+    rows, n = per_class.values(), max(int(cm.sum()), 1)
+    return {
         "confusion_matrix": cm.tolist(),
         "class_names": names,
         "per_class": per_class,
-        "macro_avg": macro,
-        "weighted_avg": weighted,
-        "reliability": {"bins": calibration["bins"], "n_bins": calibration_bins},
+        "macro_avg": {k: sum(r[k] for r in rows) / len(rows) for k in CLASS_KEYS},
+        "weighted_avg": {k: sum(r[k] * r["support"] for r in rows) / n for k in CLASS_KEYS},
     }
-    if threshold_fit:
-        report["threshold_fit"] = dict(threshold_fit)
-    if loss is not None:
-        report["loss"] = loss
-    return report
 
 
 def threshold_source(fit: Mapping | None, threshold: float, default: float = 0.5) -> str:
@@ -146,7 +182,7 @@ def threshold_table(
     out = []
     for name, t in rows:
         m = threshold_metrics(probs, targets, t, class_names, positive_class)
-        keep = [*THRESHOLD_KEYS, *(f"accuracy_{c}" for c in class_names), "confusion_matrix"]
+        keep = [*THRESHOLD_KEYS, *class_accuracy_keys(class_names), "confusion_matrix"]
         out.append({"name": name, "threshold": float(t), **{k: m[k] for k in keep}})
     return out
 
@@ -160,6 +196,17 @@ def format_report(report: Mapping) -> str:
     report, with confidence intervals, the forensics metrics and a per-threshold table."""
     names = report["class_names"]
     width = max(12, *(len(n) + 2 for n in names))
+    lines = [
+        *_headline_lines(report),
+        *_forensics_lines(report),
+        *_threshold_lines(report),
+        *_confusion_lines(report, width),
+        *_classification_lines(report, width),
+    ]
+    return "\n".join(lines)
+
+
+def _headline_lines(report: Mapping) -> list[str]:
     source = report.get("threshold_source")
     lines = [
         f"Test set: {report['n']} images; positive class {report['positive_class']}; "
@@ -169,7 +216,7 @@ def format_report(report: Mapping) -> str:
         lines.append(f"  probability = {report['probability']}")
     ci = report.get("ci95", {})
     level = report.get("bootstrap", {})
-    for key in ("loss", "accuracy", "precision", "recall", "f1", "auroc"):
+    for key in HEADLINE_KEYS:
         if key in report:
             line = f"  {key:<10} {fmt_number(report[key])}"
             if key in ci:
@@ -181,71 +228,82 @@ def format_report(report: Mapping) -> str:
             f"  (95% CI: percentile bootstrap, {level.get('resamples')} resamples, "
             f"seed {level.get('seed')})"
         )
-    if "average_precision" in report:
-        pos = report["positive_class"]
-        lines.append(f"Forensics metrics (positive class {pos}; FPR = {report.get('fpr', '')})")
-        extra = [
-            ("balanced accuracy", report["balanced_accuracy"]),
-            *((f"accuracy on {n}", report[f"accuracy_{n}"]) for n in names),
-            ("average precision", report["average_precision"]),
-            *((f"TPR at {x * 100:g}% FPR", report[tpr_at_fpr_key(x)]) for x in FPR_LEVELS),
-            ("equal error rate", report["eer"]),
-            (f"ECE ({report['reliability']['n_bins']} bins)", report["ece"]),
-        ]
-        for label, value in extra:
-            lines.append(f"  {label:<20} {fmt_number(value)}")
-    if report.get("thresholds"):
-        lines.append("Results per threshold")
-        cols = [*THRESHOLD_KEYS, *(f"accuracy_{n}" for n in names)]
-        heads = ["accuracy", "bal. acc", "precision", "recall", "f1", *(f"acc {n}" for n in names)]
-        cw = max(11, *(len(h) + 2 for h in heads))
-        lines.append(f"{'threshold':<22}" + "".join(f"{h:>{cw}}" for h in heads))
-        for row in report["thresholds"]:
-            label = f"{row['threshold']:.4f} ({row['name']})"
-            lines.append(f"{label:<22}" + "".join(f"{fmt_number(row[c]):>{cw}}" for c in cols))
-    lines.append("Confusion matrix (rows: true, columns: predicted)")
-    lines.append(" " * width + "".join(f"{n:>{width}}" for n in names))
+    return lines
+
+
+def _forensics_lines(report: Mapping) -> list[str]:
+    """Empty for a report from before the forensics metrics existed."""
+    if "average_precision" not in report:
+        return []
+    lines = [
+        f"Forensics metrics (positive class {report['positive_class']}; "
+        f"FPR = {report.get('fpr', '')})"
+    ]
+    extra = [
+        ("balanced accuracy", report["balanced_accuracy"]),
+        *((f"accuracy on {n}", report[f"accuracy_{n}"]) for n in report["class_names"]),
+        ("average precision", report["average_precision"]),
+        *((f"TPR at {x * 100:g}% FPR", report[tpr_at_fpr_key(x)]) for x in FPR_LEVELS),
+        ("equal error rate", report["eer"]),
+        (f"ECE ({report['reliability']['n_bins']} bins)", report["ece"]),
+    ]
+    for label, value in extra:
+        lines.append(f"  {label:<20} {fmt_number(value)}")
+    return lines
+
+
+def _threshold_lines(report: Mapping) -> list[str]:
+    if not report.get("thresholds"):
+        return []
+    names = report["class_names"]
+    cols = [*THRESHOLD_KEYS, *class_accuracy_keys(names)]
+    heads = [*(_SHORT_HEADS.get(k, k) for k in THRESHOLD_KEYS), *(f"acc {n}" for n in names)]
+    cw = max(11, *(len(h) + 2 for h in heads))
+    lines = ["Results per threshold", f"{'threshold':<22}" + "".join(f"{h:>{cw}}" for h in heads)]
+    for row in report["thresholds"]:
+        label = f"{row['threshold']:.4f} ({row['name']})"
+        lines.append(f"{label:<22}" + "".join(f"{fmt_number(row[c]):>{cw}}" for c in cols))
+    return lines
+
+
+def _confusion_lines(report: Mapping, width: int) -> list[str]:
+    names = report["class_names"]
+    lines = [
+        "Confusion matrix (rows: true, columns: predicted)",
+        " " * width + "".join(f"{n:>{width}}" for n in names),
+    ]
     for name, row in zip(names, report["confusion_matrix"], strict=True):
         lines.append(f"{name:>{width}}" + "".join(f"{v:>{width}}" for v in row))
-    lines.append("Classification report")
-    lines.append(f"{'':>{width}}{'precision':>11}{'recall':>11}{'f1-score':>11}{'support':>11}")
+    return lines
+
+
+def _classification_lines(report: Mapping, width: int) -> list[str]:
+    def scores(r: Mapping) -> str:
+        return "".join(f"{r[k]:>11.4f}" for k in CLASS_KEYS)
+
+    lines = [
+        "Classification report",
+        f"{'':>{width}}{'precision':>11}{'recall':>11}{'f1-score':>11}{'support':>11}",
+    ]
     for name, r in report["per_class"].items():
-        lines.append(
-            f"{name:>{width}}{r['precision']:>11.4f}{r['recall']:>11.4f}{r['f1']:>11.4f}{r['support']:>11}"
-        )
+        lines.append(f"{name:>{width}}{scores(r)}{r['support']:>11}")
     lines.append(f"{'accuracy':>{width}}{'':>22}{report['accuracy']:>11.4f}{report['n']:>11}")
     for label, avg in (
         ("macro avg", report["macro_avg"]),
         ("weighted avg", report["weighted_avg"]),
     ):
-        lines.append(
-            f"{label:>{width}}{avg['precision']:>11.4f}{avg['recall']:>11.4f}{avg['f1']:>11.4f}{report['n']:>11}"
-        )
-    return "\n".join(lines)
+        lines.append(f"{label:>{width}}{scores(avg)}{report['n']:>11}")
+    return lines
 
 
 def summary_row(name: str, report: Mapping) -> dict:
     """One line of the per-test-set table."""
-    names = report["class_names"]
     row = {"set": name, "n": report["n"]}
     default = next((r for r in report.get("thresholds", []) if r["name"] == "default"), None)
-    keys = [
-        "accuracy",
-        "balanced_accuracy",
-        *(f"accuracy_{n}" for n in names),
-        "precision",
-        "recall",
-        "f1",
-        "auroc",
-        "average_precision",
-        *(tpr_at_fpr_key(x) for x in FPR_LEVELS),
-        "eer",
-        "ece",
-    ]
-    row.update({k: report.get(k, float("nan")) for k in keys})
+    row.update({k: report.get(k, float("nan")) for k in scalar_keys(report["class_names"])})
     if default is not None:
         row["accuracy_at_0.5"] = default["accuracy"]
-    for k in ("accuracy", "f1", "auroc"):
+    for k in CI_KEYS:
         lo, hi = report.get("ci95", {}).get(k, (float("nan"), float("nan")))
         row[f"{k}_ci_low"], row[f"{k}_ci_high"] = lo, hi
     row["threshold"] = report["threshold"]

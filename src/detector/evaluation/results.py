@@ -26,6 +26,7 @@ from detector.evaluation.plots import (
     tensorboard_writers,
 )
 from detector.evaluation.report import (
+    HEADLINE_KEYS,
     evaluation_report,
     format_report,
     most_confident,
@@ -34,8 +35,8 @@ from detector.evaluation.report import (
 )
 from detector.module import DetectorModule
 
-# Scalars Lightning logs itself during ``trainer.test`` in training runs.
-_LOGGED_BY_LIGHTNING = ("loss", "precision", "recall", "f1", "auroc")
+# Scalars Lightning logs itself during ``trainer.test`` in training runs (accuracy as "acc").
+_LOGGED_BY_LIGHTNING = HEADLINE_KEYS
 
 
 def write_test_report(
@@ -56,7 +57,32 @@ def write_test_report(
     data module's test set); ``writers`` are TensorBoard ``SummaryWriter``s (default: the
     trainer's loggers', whose test scalars Lightning has already logged).
     """
-    # Under DDP each rank holds the predictions of its own shard: the report needs all of them.
+    probs, targets = _gather_predictions(model, trainer)
+    settings = settings or report_settings()
+    report = _build_report(model, trainer, probs, targets, settings)
+    if not trainer.is_global_zero:
+        return report
+    print("\n" + (f"== {title} ==\n" if title else "") + format_report(report))
+    samples = _write_files(report, output_dir, trainer, model, samples, probs, targets)
+    skip: tuple[str, ...] = ()
+    if writers is None:
+        writers = tensorboard_writers(trainer.loggers)
+        skip = _LOGGED_BY_LIGHTNING
+    figures = _figures(report, probs, targets, model, samples, settings["confident_images"])
+    step = trainer.global_step
+    for writer in writers:
+        log_report(writer, tb_prefix, report, probs, targets, step=step, skip=skip)
+    for name, fig in figures.items():
+        publish_figure(fig, output_dir / f"{name}.png", writers, f"{tb_prefix}/{name}", step)
+    for writer in writers:
+        writer.flush()
+    return report
+
+
+def _gather_predictions(
+    model: DetectorModule, trainer: L.Trainer
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Under DDP each rank holds the predictions of its own shard: the report needs all."""
     probs = gather_rows(
         trainer, torch.cat(model.test_probs) if model.test_probs else torch.empty(0)
     )
@@ -64,10 +90,19 @@ def write_test_report(
         trainer,
         torch.cat(model.test_targets) if model.test_targets else torch.empty(0, dtype=torch.long),
     )
-    settings = settings or report_settings()
+    return probs, targets
+
+
+def _build_report(
+    model: DetectorModule,
+    trainer: L.Trainer,
+    probs: torch.Tensor,
+    targets: torch.Tensor,
+    settings: dict,
+) -> dict:
     hp = model.hparams
     loss = trainer.callback_metrics.get("test/loss")
-    report = evaluation_report(
+    return evaluation_report(
         probs,
         targets,
         hp.class_names,
@@ -79,9 +114,19 @@ def write_test_report(
         bootstrap_seed=settings["bootstrap_seed"],
         calibration_bins=settings["calibration_bins"],
     )
-    if not trainer.is_global_zero:
-        return report
-    print("\n" + (f"== {title} ==\n" if title else "") + format_report(report))
+
+
+def _write_files(
+    report: dict,
+    output_dir: Path,
+    trainer: L.Trainer,
+    model: DetectorModule,
+    samples: list[tuple[str, int]] | None,
+    probs: torch.Tensor,
+    targets: torch.Tensor,
+) -> list[tuple[str, int]] | None:
+    """Write metrics.json and, where the images are known, predictions.csv; return the samples
+    (the data module's test set when none are given), which the figures need too."""
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json(report, output_dir / "metrics.json")
     if samples is None:
@@ -99,10 +144,19 @@ def write_test_report(
         write_predictions(
             output_dir / "predictions.csv", [p for p, _ in samples], probs, targets, model.threshold
         )
-    skip: tuple[str, ...] = ()
-    if writers is None:
-        writers = tensorboard_writers(trainer.loggers)
-        skip = (*_LOGGED_BY_LIGHTNING, "accuracy")
+    return samples
+
+
+def _figures(
+    report: dict,
+    probs: torch.Tensor,
+    targets: torch.Tensor,
+    model: DetectorModule,
+    samples: list[tuple[str, int]] | None,
+    confident_images: int,
+) -> dict:
+    """Figure name -> figure; the image grid only when every prediction has its image."""
+    hp = model.hparams
     pos = hp.positive_class
     figures = {
         "confusion_matrix": plot_confusion_matrix(report),
@@ -110,18 +164,9 @@ def write_test_report(
         "pr_curve": plot_pr_curve(probs, targets, pos, hp.class_names[pos]),
         "reliability": plot_reliability(report),
     }
-    if samples is not None and len(samples) == len(probs) and settings["confident_images"]:
-        figures["confident"] = _confident_grid(
-            samples, probs, targets, model, settings["confident_images"]
-        )
-    step = trainer.global_step
-    for writer in writers:
-        log_report(writer, tb_prefix, report, probs, targets, step=step, skip=skip)
-    for name, fig in figures.items():
-        publish_figure(fig, output_dir / f"{name}.png", writers, f"{tb_prefix}/{name}", step)
-    for writer in writers:
-        writer.flush()
-    return report
+    if samples is not None and len(samples) == len(probs) and confident_images:
+        figures["confident"] = _confident_grid(samples, probs, targets, model, confident_images)
+    return figures
 
 
 def _confident_grid(

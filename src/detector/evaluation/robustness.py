@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from detector.api import Detector
 from detector.data.augment import DEGRADATIONS, Degradation, check_strength
 from detector.data.datamodule import ImageFolderDataModule
 from detector.data.datasets import ImageDataset
@@ -29,19 +30,13 @@ from detector.module import DetectorModule
 
 
 def score_loader(trainer: L.Trainer, model: DetectorModule, loader: DataLoader) -> torch.Tensor:
-    """P(class 1) per image, in loader order, on the device and precision of ``trainer`` (which
-    has run ``test``). A plain loop: ``trainer.predict`` costs about a second of set-up per
-    call, and the robustness sweep makes a dozen calls per test set."""
-    device, before = trainer.strategy.root_device, model.device
-    if device != before:
-        model.to(device)
-    model.eval()
-    out = []
-    with torch.inference_mode(), trainer.precision_plugin.forward_context():
-        for images, _ in loader:
-            out.append(torch.sigmoid(model(images.to(device)).float()).cpu())
-    if device != before:
-        model.to(before)
+    """P(class 1) per image, in loader order: the API's scoring (:meth:`Detector.score`, what
+    predict.py and the exports are checked against) on the device and precision of
+    ``trainer``. A plain loop: ``trainer.predict`` costs about a second of set-up per call, and
+    the sweep makes a dozen calls per test set."""
+    detector = Detector(model, device=trainer.strategy.root_device)
+    with trainer.precision_plugin.forward_context():
+        out = [detector.score(images) for images, _ in loader]
     return torch.cat(out) if out else torch.empty(0)
 
 

@@ -164,37 +164,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
     table = [summary_row(name, report) for name, report in reports.items()]
     if several:
-        probs = torch.cat([r[0] for r in results.values()])
-        targets = torch.cat([r[1] for r in results.values()])
-        pooled = evaluation_report(
-            probs,
-            targets,
-            model.hparams.class_names,
-            model.hparams.positive_class,
-            model.threshold,
-            threshold_fit=model.threshold_fit,
-            bootstrap_resamples=settings["bootstrap_resamples"],
-            bootstrap_seed=settings["bootstrap_seed"],
-            calibration_bins=settings["calibration_bins"],
-        )
-        table.append(summary_row("all", pooled))
-        write_predictions(
-            output_dir / "predictions.csv",
-            [p for r in results.values() for p in r[2]],
-            probs,
-            targets,
-            model.threshold,
-            sets=[name for name, r in results.items() for _ in r[2]],
-        )
-    columns = list(table[0])
-    shown = [c for c in columns if not c.endswith(("_ci_low", "_ci_high"))]
-    print(
-        f"\nPer test set (threshold {model.threshold:.4f}; positive class "
-        f"{reports[sets[0][0]]['positive_class']}):"
-    )
-    print(markdown_table(table, shown))
-    write_csv(table, output_dir / "sets.csv", columns)
-    write_json({"rows": table}, output_dir / "sets.json")
+        table.append(_pool(results, model, settings, output_dir))
+    _write_table(table, model.threshold, reports[sets[0][0]]["positive_class"], output_dir)
 
     final = {**reports[sets[0][0]], "ckpt": str(cfg.ckpt), "table": table}
     if several:
@@ -207,3 +178,45 @@ def evaluate(cfg: DictConfig) -> dict:
     for logger in loggers:
         logger.finalize("success")
     return final
+
+
+def _pool(
+    results: dict[str, tuple[torch.Tensor, torch.Tensor, list[str]]],
+    model: DetectorModule,
+    settings: dict,
+    output_dir: Path,
+) -> dict:
+    """The "all" row of several test sets (their images pooled), and one predictions.csv that
+    names each image's set."""
+    probs = torch.cat([r[0] for r in results.values()])
+    targets = torch.cat([r[1] for r in results.values()])
+    pooled = evaluation_report(
+        probs,
+        targets,
+        model.hparams.class_names,
+        model.hparams.positive_class,
+        model.threshold,
+        threshold_fit=model.threshold_fit,
+        bootstrap_resamples=settings["bootstrap_resamples"],
+        bootstrap_seed=settings["bootstrap_seed"],
+        calibration_bins=settings["calibration_bins"],
+    )
+    write_predictions(
+        output_dir / "predictions.csv",
+        [p for r in results.values() for p in r[2]],
+        probs,
+        targets,
+        model.threshold,
+        sets=[name for name, r in results.items() for _ in r[2]],
+    )
+    return summary_row("all", pooled)
+
+
+def _write_table(table: list[dict], threshold: float, positive: str, output_dir: Path) -> None:
+    """The per-set table on screen (without confidence bounds) and, whole, in sets.csv/json."""
+    columns = list(table[0])
+    shown = [c for c in columns if not c.endswith(("_ci_low", "_ci_high"))]
+    print(f"\nPer test set (threshold {threshold:.4f}; positive class {positive}):")
+    print(markdown_table(table, shown))
+    write_csv(table, output_dir / "sets.csv", columns)
+    write_json({"rows": table}, output_dir / "sets.json")

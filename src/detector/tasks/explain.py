@@ -10,22 +10,26 @@ choice of an earlier layer); Integrated Gradients depends on its baseline (black
 
 from __future__ import annotations
 
-import csv
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import matplotlib
-from tqdm.auto import tqdm
 
-from detector.api import Detector
 from detector.data.decode import load_image
 from detector.files import describe_error
-from detector.tasks.inputs import resolve_inputs
+from detector.tasks.inputs import (
+    image_paths,
+    load_detector,
+    require_ckpt,
+    require_some_read,
+    warn_unreadable,
+    write_rows,
+)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -34,7 +38,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
-from detector.errors import ConfigError, DataError
+from detector.errors import ConfigError
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -133,6 +137,32 @@ def _single_view(net: nn.Module):
         net.flip_average = flip
 
 
+def _attributions(net: nn.Module, x, targets, layer_module, n_steps, internal_batch_size):
+    """Grad-CAM, with the hooked layer's size read while the hooks still hold it (the figure
+    titles say how coarse the map really was), then Integrated Gradients from black."""
+    # deferred: captum and grad-cam are heavy and needed only here
+    from captum.attr import IntegratedGradients
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
+
+    with _single_view(net), GradCAM(model=net, target_layers=[layer_module]) as cam:
+        cams = cam(
+            input_tensor=x.clone().requires_grad_(True),
+            targets=[BinaryClassifierOutputTarget(int(t)) for t in targets],
+        )
+        cam_size = tuple(cam.activations_and_grads.activations[0].shape[-2:])
+    ig = IntegratedGradients(_SignedLogits(net))
+    attributions, delta = ig.attribute(
+        x.clone().requires_grad_(True),
+        baselines=torch.zeros_like(x),
+        target=targets.tolist(),
+        n_steps=n_steps,
+        internal_batch_size=internal_batch_size,
+        return_convergence_delta=True,
+    )
+    return cams, cam_size, attributions, delta
+
+
 def explain_maps(
     model: nn.Module,
     images: torch.Tensor,
@@ -148,11 +178,6 @@ def explain_maps(
     which defaults to the module's own). Gradients are switched on here, so it also works
     right after ``trainer.test`` or inside ``torch.inference_mode``.
     """
-    # deferred: captum and grad-cam are heavy and needed only here
-    from captum.attr import IntegratedGradients
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import BinaryClassifierOutputTarget
-
     net = _net(model)
     if threshold is None:
         threshold = float(getattr(model, "threshold", 0.5))
@@ -165,29 +190,15 @@ def explain_maps(
         # Same values as the uint8 path of SEClassifier.normalize, but differentiable.
         x = images.to(device).float() / 255.0
         with torch.no_grad():
-            probability = torch.sigmoid(net(x).float())
+            probability = net.probability(x)
         if target is None:
             targets = (probability >= threshold).long()
         else:
             targets = torch.as_tensor(target, device=device).long().expand(len(x)).clone()
         if ((targets != 0) & (targets != 1)).any():
             raise ConfigError(f"target={target} must be the class index 0 or 1")
-
-        with _single_view(net), GradCAM(model=net, target_layers=[layer_module]) as cam:
-            cams = cam(
-                input_tensor=x.clone().requires_grad_(True),
-                targets=[BinaryClassifierOutputTarget(int(t)) for t in targets],
-            )
-            cam_size = tuple(cam.activations_and_grads.activations[0].shape[-2:])
-
-        ig = IntegratedGradients(_SignedLogits(net))
-        attributions, delta = ig.attribute(
-            x.clone().requires_grad_(True),
-            baselines=torch.zeros_like(x),
-            target=targets.tolist(),
-            n_steps=n_steps,
-            internal_batch_size=internal_batch_size,
-            return_convergence_delta=True,
+        cams, cam_size, attributions, delta = _attributions(
+            net, x, targets, layer_module, n_steps, internal_batch_size
         )
     return Explanation(
         probability=probability.detach().cpu(),
@@ -257,26 +268,6 @@ def draw_explanations(
     return fig
 
 
-def explain_figure(
-    model: nn.Module,
-    images: torch.Tensor,
-    titles: Sequence[str] | None = None,
-    class_names: Sequence[str] | None = None,
-    target: int | Sequence[int] | None = None,
-    layer: str | None = "auto",
-    n_steps: int = 32,
-    display_size: int = 224,
-) -> plt.Figure:
-    """Maps for a uint8 batch drawn as one figure (rows: images), e.g. for TensorBoard's
-    ``add_figure``. ``model`` is a DetectorModule (class names and threshold come from it) or
-    the bare network."""
-    if class_names is None:
-        hp = getattr(model, "hparams", {})
-        class_names = list(hp.get("class_names", ("class 0", "class 1")))
-    result = explain_maps(model, images, target=target, layer=layer, n_steps=n_steps)
-    return draw_explanations(images, result, class_names, titles, display_size)
-
-
 def _safe_stem(path: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(path).stem)[:60] or "image"
 
@@ -338,23 +329,40 @@ def _explain_chunk(detector, stack, ok, out_dir: Path, target, cfg) -> dict[int,
     return rows
 
 
+def _explained_rows(detector, paths, out_dir: Path, target, cfg, errors) -> Iterator[dict]:
+    """One batch's rows (by input index) at a time, so the table grows while the maps are
+    drawn; a file that does not decode gets an error row (and a place in ``errors``)."""
+    batch = int(cfg.batch_size)
+    for start in range(0, len(paths), batch):
+        ok, images, rows = [], [], {}
+        for i, path in enumerate(paths[start : start + batch], start):
+            try:
+                images.append(load_image(path, detector.image_size))
+                ok.append((i, path))
+            except Exception as e:  # reported per row, the other images still run
+                msg = describe_error(e)
+                errors.append((path, msg))
+                rows[i] = {"path": path, "error": msg}
+        if ok:
+            stack = torch.stack(images)
+            rows |= _explain_chunk(detector, stack, ok, out_dir, target, cfg)
+        yield rows
+
+
 def explain(cfg: DictConfig) -> dict:
     """Write one PNG per image (input, Grad-CAM, IG) and ``explanations.csv``."""
-    if not cfg.get("ckpt"):
-        raise ConfigError("ckpt is not set: pass ckpt=PATH to a .ckpt file written by train.py")
+    require_ckpt(cfg.get("ckpt"))
     for key in ("n_steps", "batch_size", "display_size", "dpi"):
         if int(cfg[key]) <= 0:
             raise ConfigError(f"{key}={cfg[key]} must be a positive integer")
-    paths = resolve_inputs(cfg.get("input"))
-    if not paths:
-        raise DataError(f"input={cfg.input}: no images found")
+    paths = image_paths(cfg)
     limit = cfg.get("max_images")
     if limit is not None and int(limit) <= 0:
         raise ConfigError(f"max_images={limit} must be a positive integer or null (all)")
     if limit is not None and len(paths) > int(limit):
         log.info("explaining the first %d of %d images (max_images=null: all)", limit, len(paths))
         paths = paths[: int(limit)]
-    detector = Detector.from_checkpoint(cfg.ckpt, device=cfg.device, threshold=cfg.threshold)
+    detector = load_detector(cfg)
     names = detector.class_names
     target = _parse_target(cfg.get("target"), names)
     out_dir = Path(cfg.output) if cfg.get("output") else Path(cfg.paths.output_dir)
@@ -362,39 +370,11 @@ def explain(cfg: DictConfig) -> dict:
     table = out_dir / "explanations.csv"
     columns = ["path", "figure", f"prob_{names[0]}", f"prob_{names[1]}", "label"]
     columns += ["explained", "gradcam_layer", "ig_delta", "error"]
-    batch = int(cfg.batch_size)
-    done = 0
     errors: list[tuple[str, str]] = []
-    with (
-        open(table, "w", newline="") as f,
-        tqdm(total=len(paths), unit="img", desc="explain", disable=not cfg.get("progress")) as bar,
-    ):
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        for start in range(0, len(paths), batch):
-            chunk = list(enumerate(paths[start : start + batch], start))
-            ok, images, rows = [], [], {}
-            for i, path in chunk:
-                try:
-                    images.append(load_image(path, detector.image_size))
-                    ok.append((i, path))
-                except Exception as e:  # reported per row, the other images still run
-                    msg = describe_error(e)
-                    errors.append((path, msg))
-                    rows[i] = {"path": path, "error": msg}
-            if ok:
-                stack = torch.stack(images)
-                rows |= _explain_chunk(detector, stack, ok, out_dir, target, cfg)
-            for i in sorted(rows):
-                writer.writerow(rows[i])
-            bar.update(len(chunk))
-            done += len(ok)
-    for path, err in errors[:5]:
-        log.warning("could not read %s: %s", path, err)
-    if done == 0:
-        raise DataError(
-            f"none of the {len(paths)} files from input={cfg.input} could be read "
-            f"(first: {errors[0][0]}: {errors[0][1]}); see {table}"
-        )
+    rows = _explained_rows(detector, paths, out_dir, target, cfg, errors)
+    write_rows(table, "csv", columns, rows, "explain", cfg.get("progress"), len(paths))
+    done = len(paths) - len(errors)
+    warn_unreadable(log, errors)
+    require_some_read(done, errors, len(paths), cfg.input, f"see {table}")
     print(f"Explained {done} of {len(paths)} images ({len(errors)} unreadable)\nFigures: {out_dir}")
     return {"output": str(out_dir), "table": str(table), "explained": done, "errors": len(errors)}

@@ -20,7 +20,7 @@ from torch import nn
 from detector.api import Detector
 from detector.errors import ConfigError
 from detector.matmul_conv import set_matmul_convs
-from detector.tasks.inputs import output_target
+from detector.tasks.inputs import output_target, require_ckpt
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -132,8 +132,7 @@ def export(cfg: DictConfig) -> dict:
     fmt = cfg.get("format")
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt} must be one of {', '.join(FORMATS)}")
-    if not cfg.get("ckpt"):
-        raise ConfigError("ckpt is not set: pass ckpt=PATH to a .ckpt file written by train.py")
+    require_ckpt(cfg.get("ckpt"))
     out = output_target(
         cfg.get("output"), cfg.paths.output_dir, f"model{FORMATS[fmt]}", (FORMATS[fmt],)
     )

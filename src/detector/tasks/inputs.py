@@ -1,17 +1,23 @@
-"""What ``input=`` names (an image, a folder, a glob, a list file) and where results go:
-shared by predict.py and explain.py."""
+"""What ``input=`` names (an image, a folder, a glob, a list file), where results go, and the
+run around them that predict.py and explain.py share: ckpt and inputs checked before any model
+is loaded, one row per input with an error column, a failure when nothing could be read."""
 
 from __future__ import annotations
 
+import csv
 import glob
+import json
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
+from detector.api import Detector
 from detector.data.decode import IMAGE_EXTENSIONS
-from detector.errors import ConfigError
+from detector.errors import ConfigError, DataError, ckpt_not_set
 
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
 
@@ -20,6 +26,10 @@ OUTPUT_FORMATS = ("csv", "jsonl")
 
 
 GLOB_CHARS = ("*", "?", "[")
+
+
+# Unreadable files named in the log; the table's error column holds every one.
+UNREADABLE_SHOWN = 5
 
 
 def _is_image_name(path: str | Path) -> bool:
@@ -118,3 +128,84 @@ def output_file(cfg: DictConfig) -> tuple[Path, str]:
     if fmt is not None and from_suffix != fmt:
         raise ConfigError(f"output={cfg.output} does not end in .{fmt} but format={fmt}")
     return out, from_suffix
+
+
+def require_ckpt(ckpt: str | None) -> None:
+    """Refuses a missing ``ckpt=`` before the inputs are walked (a large folder or glob is not
+    scanned for a run that cannot start)."""
+    if not ckpt:
+        raise ConfigError(ckpt_not_set())
+
+
+def image_paths(cfg: DictConfig, hint: str = "") -> list[str]:
+    """An ``input=`` that names no image at all is an error: an empty table would read as a run
+    that found nothing. ``hint`` ends the task's own message."""
+    paths = resolve_inputs(cfg.get("input"))
+    if not paths:
+        raise DataError(f"input={cfg.input}: no images found{hint}")
+    return paths
+
+
+def load_detector(cfg: DictConfig) -> Detector:
+    """Both tasks read the model alike, so ``threshold=null`` keeps the checkpoint's own."""
+    return Detector.from_checkpoint(cfg.ckpt, device=cfg.device, threshold=cfg.threshold)
+
+
+class RowWriter:
+    """CSV or JSON Lines, one row per input, written as batches finish (long runs leave a
+    usable partial file if stopped). A column a row lacks is empty (CSV) or null (JSON)."""
+
+    def __init__(self, file, fmt: str, columns: Sequence[str]) -> None:
+        self.file = file
+        self.fmt = fmt
+        self.columns = list(columns)
+        if fmt == "csv":
+            self.csv = csv.writer(self.file)
+            self.csv.writerow(self.columns)
+
+    def write(self, row: dict) -> None:
+        if self.fmt == "csv":
+            self.csv.writerow(["" if row.get(c) is None else row[c] for c in self.columns])
+        else:
+            self.file.write(json.dumps({c: row.get(c) for c in self.columns}) + "\n")
+
+
+def write_rows(
+    out: Path,
+    fmt: str,
+    columns: Sequence[str],
+    batches: Iterable[dict[int, dict]],
+    desc: str,
+    progress: bool,
+    total: int,
+) -> None:
+    """Each batch's rows (keyed by input index) in input order as soon as it is done, so a run
+    stopped midway leaves the rows so far; the bar counts inputs, readable or not."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        open(out, "w", newline="") as f,
+        tqdm(total=total, unit="img", desc=desc, disable=not progress) as bar,
+    ):
+        writer = RowWriter(f, fmt, columns)
+        for rows in batches:
+            for i in sorted(rows):
+                writer.write(rows[i])
+            bar.update(len(rows))
+
+
+def warn_unreadable(log: logging.Logger, errors: Sequence[tuple[str, str]]) -> None:
+    """The first few in the task's own log, where a user looks first; all are in the table."""
+    for path, err in errors[:UNREADABLE_SHOWN]:
+        log.warning("could not read %s: %s", path, err)
+
+
+def require_some_read(
+    n_read: int, errors: Sequence[tuple[str, str]], n_inputs: int, spec: str, where: str
+) -> None:
+    """Nothing read is a failed run (exit status 2), not an empty result; the table of error
+    rows stays, and ``where`` ends the message by pointing at it."""
+    if n_read == 0:
+        raise DataError(
+            f"none of the {n_inputs} files from input={spec} could be read "
+            f"(first: {errors[0][0]}: {errors[0][1]}); {where}"
+        )

@@ -1,4 +1,5 @@
-"""``train(cfg)`` and ``evaluate(cfg)``: plain functions that the entry points and tests call.
+"""``train(cfg)``: fit, keep the best checkpoint by validation AUROC, test it; a plain function
+that train.py and the tests call.
 
 Everything here runs on every DDP rank; files and prints are rank-zero only.
 """
