@@ -16,7 +16,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.types import RunMode
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.accelerators import CPUAccelerator
 
@@ -83,7 +82,8 @@ def check_launch(trainer: L.Trainer, hydra_cfg=None, sync_batchnorm: bool = Fals
         )
     if hydra_cfg is None:
         return
-    if hydra_cfg.mode == RunMode.MULTIRUN:
+    # By name: the LightningModule imports this module, and needs no Hydra to run.
+    if getattr(hydra_cfg.mode, "name", hydra_cfg.mode) == "MULTIRUN":
         raise ConfigError(
             f"{devices}: several processes per job is not supported in a Hydra multirun (-m): "
             "Lightning would re-run the whole sweep in every process. Sweep single-device runs "

@@ -240,7 +240,7 @@ class CachedImageDataset(BatchedImageDataset):
     def __init__(
         self,
         samples: Sequence[tuple[str, int]],
-        image_size: int,
+        size: int,
         hflip: bool = False,
         transform=None,
         max_pixels: int = 0,
@@ -252,8 +252,8 @@ class CachedImageDataset(BatchedImageDataset):
                 "data.cache=true stores decoded images, so blur/JPEG augmentation "
                 "(data.blur_prob, data.jpeg_prob) cannot run on them: set one of them off"
             )
-        super().__init__(samples, image_size, hflip, None, max_pixels=max_pixels)
-        self.images, bad_rows = open_cache(self.samples, image_size, max_pixels, cache_dir, folder)
+        super().__init__(samples, size, hflip, None, max_pixels=max_pixels)
+        self.images, bad_rows = open_cache(self.samples, size, max_pixels, cache_dir, folder)
         self.rows = substitutes(len(self.samples), bad_rows)
         self.labels = torch.tensor([label for _, label in self.samples], dtype=torch.long)
 

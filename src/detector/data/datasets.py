@@ -34,7 +34,7 @@ from detector.data.decode import (
     to_rgb,
 )
 from detector.errors import DataError
-from detector.files import display
+from detector.files import describe_error, display
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +64,21 @@ class ShardSampler(Sampler[int]):
 
 
 class ImageDataset(Dataset):
-    """``transform`` (PIL -> PIL, e.g. :mod:`detector.data.augment`) acts on the decoded image
-    before the resize to ``image_size``, where real-world blur and re-compression happen."""
+    """Images as uint8 (3, ``size``, ``size``): ``size`` is what the loader decodes at
+    (``data.decode_size``, default ``data.image_size``). ``transform`` (PIL -> PIL, e.g.
+    :mod:`detector.data.augment`) acts on the decoded image before the resize to ``size``,
+    where real-world blur and re-compression happen."""
 
     def __init__(
         self,
         samples: Sequence[tuple[str, int]],
-        image_size: int,
+        size: int,
         hflip: bool = False,
         transform: Callable[[Image.Image], Image.Image] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         self.samples = list(samples)
-        self.image_size = image_size
+        self.size = size
         self.hflip = hflip
         self.transform = transform
         self.max_pixels = max_pixels
@@ -87,9 +89,9 @@ class ImageDataset(Dataset):
 
     def _read(self, path: str) -> torch.Tensor:
         if self.transform is None:
-            return load_image(path, self.image_size, self.max_pixels)
+            return load_image(path, self.size, self.max_pixels)
         with open_image(path, self.max_pixels) as img:
-            return pil_to_input(self.transform(to_rgb(img)), self.image_size)
+            return pil_to_input(self.transform(to_rgb(img)), self.size)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         # A file that went bad after the scan (deleted, replaced, truncated by a copy) is
@@ -104,10 +106,9 @@ class ImageDataset(Dataset):
                 if path not in self._failed:
                     self._failed.add(path)
                     log.warning(
-                        "skipping %s: it changed after the scan and cannot be read now (%s: %s)",
+                        "skipping %s: it changed after the scan and cannot be read now (%s)",
                         display(path),
-                        type(e).__name__,
-                        str(e).strip().splitlines()[0] if str(e).strip() else "no details",
+                        describe_error(e),
                     )
                 continue
             if self.hflip and torch.rand(()) < 0.5:
@@ -182,14 +183,14 @@ class BatchedImageDataset(ImageDataset):
         images, labels, flippable = [], [], []
         for i in indices:
             path, label = self.samples[i]
-            image = fast_decode(path, self.image_size, self.max_pixels)
+            image = fast_decode(path, self.size, self.max_pixels)
             fast = image is not None
             if not fast:
                 image, label = self[i]  # flips, substitutes and warns on its own
             images.append(image)
             labels.append(label)
             flippable.append(fast)
-        # Every image is image_size x image_size here (the PIL path resizes the others).
+        # Every image is size x size here (the PIL path resizes the others).
         c, h, w = images[0].shape
         nhwc = new_batch_tensor((len(images), h, w, c))
         torch.stack([x.permute(1, 2, 0) for x in images], out=nhwc)

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as F
 
 from detector.errors import DataError
-from detector.files import display
+from detector.files import display, first_line
 
 try:  # libjpeg-turbo through torchvision (deprecated there in favour of torchcodec, still there)
     from torchvision.io import ImageReadMode
@@ -230,7 +230,7 @@ def reason_from_exception(e: BaseException) -> str:
         return f"cannot read it ({e.strerror or 'permission denied'})"
     if isinstance(e, FileNotFoundError):
         return "missing (deleted, or a broken symlink)"
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = first_line(e)
     if "truncated" in text.lower():
         return f"truncated file ({text})"
     return f"cannot decode it ({type(e).__name__}: {text})"

@@ -19,6 +19,7 @@ from torch import nn
 
 from detector.api import Detector
 from detector.errors import ConfigError
+from detector.files import describe_error
 from detector.matmul_conv import set_matmul_convs
 from detector.tasks.inputs import output_target, require_ckpt
 
@@ -99,10 +100,7 @@ def export_onnx(wrapper: nn.Module, example: torch.Tensor, path: Path, opset: in
             verbose=False,
         )
     except Exception as e:
-        raise ConfigError(
-            f"ONNX export failed for opset={opset} ({type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no details'})"
-        ) from e
+        raise ConfigError(f"ONNX export failed for opset={opset} ({describe_error(e)})") from e
 
 
 def export_torchscript(wrapper: nn.Module, example: torch.Tensor, path: Path) -> None:
