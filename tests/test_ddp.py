@@ -284,7 +284,34 @@ def check_run(
     metrics = json.loads((run / "metrics.json").read_text())
     n_test = sum(1 for _ in (data_root / "test").rglob("*.jpg"))
     assert metrics["n"] == n_test == sum(map(sum, metrics["confusion_matrix"]))
+    assert_same_ood_model(best_ckpt, data_root)
+    assert metrics["ood"]["n"] == n_test  # every rank's scores gathered for the report
     return metrics
+
+
+def assert_same_ood_model(ckpt: Path, data_root: Path) -> None:
+    """The out-of-domain model fitted on the ranks' gathered features equals a one-device fit
+    with the same weights on the same split (each image once)."""
+    from detector.checkpoint import load_checkpoint, load_checkpoint_file
+    from detector.evaluation.ood import fit_on_data
+
+    stored = load_checkpoint_file(ckpt)["ood"]
+    dm = ImageFolderDataModule(
+        root=str(data_root), val_fraction=VAL_FRACTION, image_size=32, batch_size=BATCH,
+        num_workers=0,
+    )  # fmt: skip
+    dm.setup("fit")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    alone = fit_on_data(load_checkpoint(ckpt), dm, trainer, "hidden", 0.95).state()
+    assert stored["info"] == alone["info"]
+    for part in ("features", "stages", "pixels"):
+        assert torch.allclose(stored["means"][part], alone["means"][part], rtol=1e-4, atol=1e-6)
+    # The precision matrices are ill-conditioned (near-dead units): compared through what they
+    # compute, the scales and the threshold.
+    ours = [*stored["scales"].values(), stored["threshold"]]
+    reference = [*alone["scales"].values(), alone["threshold"]]
+    for a, b in zip(ours, reference, strict=True):
+        assert math.isclose(a, b, rel_tol=1e-3), (a, b)
 
 
 # --- pieces, in process ---------------------------------------------------------------------
@@ -558,6 +585,7 @@ def test_ddp_resume_from_last_continues_the_run(odd_folder, tmp_path, tty):
     assert last["global_step"] == EPOCHS * (n_train(odd_folder) // BATCH)
     assert len(scalars(first / "tensorboard")["val/auroc"]) == EPOCHS
     assert (first / "metrics.json").is_file()
+    assert_same_ood_model(best_checkpoint(first), odd_folder)  # refitted for the resumed weights
 
 
 def test_multirun_sweeps_single_device_runs(image_folder, tmp_path):

@@ -64,6 +64,10 @@ class Prediction:
     probability: float
     probabilities: dict[str, float]
     threshold: float
+    # How unlike the training data the image is (higher: less alike), and whether it is within
+    # the checkpoint's out-of-domain threshold; None when the checkpoint has no such model.
+    ood_score: float | None = None
+    in_domain: bool | None = None
 
 
 class Detector:
@@ -91,6 +95,7 @@ class Detector:
         self.class_names: list[str] = list(module.hparams.class_names)
         self.image_size = int(module.hparams.image_size)
         self.model_id = model_id
+        self.ood = module.ood  # None: a checkpoint without an out-of-domain model
 
     @classmethod
     def from_checkpoint(
@@ -140,6 +145,16 @@ class Detector:
         """P(class 1) for a uint8 batch (N, 3, S, S), on the CPU, as eval's test step."""
         return self.net.probability(images.to(self.device)).cpu()
 
+    @torch.inference_mode()
+    def score_with_ood(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """P(class 1) and each image's ``ood_score`` (None without an out-of-domain model), in
+        one pass: the logits of :meth:`SEClassifier.embed` equal :meth:`score`'s."""
+        x = images.to(self.device)
+        if self.ood is None:
+            return self.net.probability(x).cpu(), None
+        embedding = self.net.embed(x)
+        return torch.sigmoid(embedding.logits.float()).cpu(), self.ood.score_batch(x, embedding)
+
     def _batches(self, inputs: Any, batch_size: int) -> Iterator[torch.Tensor]:
         if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
             items: Sequence = list(inputs)
@@ -162,16 +177,26 @@ class Detector:
         self, inputs: ImageInput | Iterable[ImageInput], batch_size: int = 32
     ) -> list[Prediction]:
         """One :class:`Prediction` per image (a single image also gives a list of one)."""
-        return [self.decide(float(p[1])) for p in self.predict_proba(inputs, batch_size)]
+        out = []
+        for batch in self._batches(inputs, batch_size):
+            probs, ood = self.score_with_ood(batch)
+            ood_list = ood.tolist() if ood is not None else [None] * len(probs)
+            out += [self.decide(p, s) for p, s in zip(probs.tolist(), ood_list, strict=True)]
+        return out
 
-    def decide(self, p1: float) -> Prediction:
+    def decide(self, p1: float, ood_score: float | None = None) -> Prediction:
         """Label by the threshold, as eval's report does (``p >= threshold`` is class 1)."""
         index = int(p1 >= self.threshold)
         names = self.class_names
+        in_domain = None
+        if ood_score is not None and self.ood is not None:
+            in_domain = bool(ood_score <= self.ood.threshold)
         return Prediction(
             label=names[index],
             index=index,
             probability=p1,
             probabilities={names[0]: 1.0 - p1, names[1]: p1},
             threshold=self.threshold,
+            ood_score=ood_score,
+            in_domain=in_domain,
         )

@@ -3,6 +3,8 @@ feature map, and a small MLP head that ends in one logit (probability of class i
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import timm
 import torch
 from torch import nn
@@ -32,6 +34,26 @@ class SqueezeExcitation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gate(x)
+
+
+def channel_mean_std(maps: torch.Tensor) -> torch.Tensor:
+    """(N, 2C): each channel's mean and standard deviation over the map, as two batched matrix
+    products (reductions over H and W of a channels_last map are many times slower)."""
+    n, c, h, w = maps.shape
+    v = maps.float().permute(0, 2, 3, 1).reshape(n, h * w, c)
+    weights = torch.full((n, 1, h * w), 1.0 / (h * w), dtype=v.dtype, device=v.device)
+    mean = torch.bmm(weights, v).squeeze(1)
+    var = (torch.bmm(weights, v * v).squeeze(1) - mean * mean).clamp_min(0)
+    return torch.cat([mean, (var * (h * w / max(h * w - 1, 1))).sqrt()], 1)
+
+
+class Embedding(NamedTuple):
+    """What :meth:`SEClassifier.embed` returns, one row per image."""
+
+    logits: torch.Tensor  # (N,)
+    pooled: torch.Tensor  # (N, C): the pooled backbone features
+    hidden: torch.Tensor  # (N, hidden_dim): the head's ReLU activations
+    stages: torch.Tensor  # (N, 2 * channels of the early stages): their channel means and spreads
 
 
 class SEClassifier(nn.Module):
@@ -70,6 +92,11 @@ class SEClassifier(nn.Module):
         if matmul_convs:  # faster CPU training on small maps (detector.matmul_conv)
             set_matmul_convs(self.backbone)
         channels = self.backbone.num_features
+        # The stages at 1/4 and 1/8 of the input (timm's feature_info): the statistics of their
+        # activations describe textures and edges, what out-of-domain images differ in first.
+        self.early_stages = [
+            f["module"] for f in self.backbone.feature_info if f["reduction"] in (4, 8)
+        ]
         self.se = SqueezeExcitation(channels, se_reduction) if se_reduction else nn.Identity()
         self.head = nn.Sequential(
             nn.Linear(channels, hidden_dim),
@@ -103,3 +130,30 @@ class SEClassifier(nn.Module):
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x).mean(dim=(2, 3))).squeeze(1)
+
+    def embed(self, x: torch.Tensor) -> Embedding:
+        """The logits and the features the out-of-domain model reads
+        (:mod:`detector.evaluation.ood`), in one pass. With ``flip_average`` outside training,
+        each is the mean over the image and its mirror, and the logits equal :meth:`forward`'s.
+        """
+        both = self.flip_average and not self.training
+        views = torch.cat([x, x.flip(-1)]) if both else x
+        maps: list[torch.Tensor] = []
+        hooks = [
+            self.backbone.get_submodule(name).register_forward_hook(
+                lambda _module, _input, out: maps.append(out)
+            )
+            for name in self.early_stages
+        ]
+        try:
+            pooled = self.forward_features(views).mean(dim=(2, 3))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        stages = torch.cat([channel_mean_std(m) for m in maps], 1)
+        hidden = self.head[1](self.head[0](pooled))
+        logits = self.head[3](self.head[2](hidden)).squeeze(1)
+        parts = (logits, pooled, hidden, stages)
+        if both:
+            parts = tuple(t.view(2, len(x), *t.shape[1:]).mean(0) for t in parts)
+        return Embedding(*parts)

@@ -28,6 +28,7 @@ from detector.data.preprocess import prepare_batch
 from detector.distributed import gather_rows
 from detector.errors import ConfigError
 from detector.evaluation.metrics import THRESHOLD_RULES, fit_threshold
+from detector.evaluation.ood import OODModel
 from detector.model import SEClassifier
 
 
@@ -127,6 +128,10 @@ class DetectorModule(L.LightningModule):
         self.test_loss = MeanMetric()
         self.test_probs: list[torch.Tensor] = []
         self.test_targets: list[torch.Tensor] = []
+        self.test_ood: list[torch.Tensor] = []
+        # What the detector knows (detector.evaluation.ood), fitted after training; saved in
+        # checkpoints beside the threshold.
+        self.ood: OODModel | None = None
         self.val_probs: list[torch.Tensor] = []
         self.val_targets: list[torch.Tensor] = []
         # How the current threshold was obtained (None: as configured); saved in checkpoints.
@@ -160,7 +165,14 @@ class DetectorModule(L.LightningModule):
         self, batch, metrics: MetricCollection, stage: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets = batch
-        logits = self(self.prepare(images)).float()
+        x = self.prepare(images)
+        if stage == "test" and self.ood is not None:  # one pass for the logit and the features
+            embedding = self.net.embed(x)
+            logits = embedding.logits
+            self.test_ood.append(self.ood.score_batch(x, embedding))
+        else:
+            logits = self(x)
+        logits = logits.float()
         soft = targets.float()
         if stage == "train" and self.hparams.label_smoothing:
             # Targets eps/2 and 1 - eps/2: a bounded logit instead of ever-growing confidence
@@ -251,6 +263,7 @@ class DetectorModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["threshold_fit"] = self.threshold_fit
+        checkpoint["ood"] = self.ood.state() if self.ood is not None else None
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """``trainer.test(ckpt_path=...)`` restores weights but not hyper-parameters: take the
@@ -259,6 +272,7 @@ class DetectorModule(L.LightningModule):
         if threshold is not None:
             self.hparams.threshold = float(threshold)
         self.threshold_fit = checkpoint.get("threshold_fit")
+        self.ood = OODModel.from_state(checkpoint.get("ood"))
 
     def test_step(self, batch, batch_idx: int) -> None:
         _, probs = self._step(batch, self.test_metrics, "test")
@@ -268,6 +282,7 @@ class DetectorModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.test_probs.clear()
         self.test_targets.clear()
+        self.test_ood.clear()
         # The logged test metrics decide at the model's threshold, as the report does.
         positive_threshold = (
             self.threshold if self.hparams.positive_class == 1 else 1 - self.threshold

@@ -360,6 +360,12 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.val_set, f"the validation split of {self.train_dir} (data.val_fraction)"
         )
 
+    def features_dataloader(self) -> DataLoader:
+        """The training split once, in order and without augmentation, sharded like validation:
+        what the out-of-domain model is fitted on (:mod:`detector.evaluation.ood`)."""
+        dataset = self._dataset(self.train_set.samples, self.train_dir)
+        return self._eval_loader(dataset, f"the training split of {self.train_dir}")
+
     def test_dataloader(self) -> DataLoader:
         if self.test_set is None:
             raise DataError("no test folder: set data.root (with a test/ folder) or data.test_dir")

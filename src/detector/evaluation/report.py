@@ -344,6 +344,7 @@ def write_predictions(
     targets: torch.Tensor,
     threshold: float,
     sets: Sequence[str] | None = None,
+    extra: Mapping[str, Sequence] | None = None,
 ) -> Path:
     """``path,label,probability,prediction`` per image (plus ``set`` when given): label and
     prediction are class indices, probability is P(class 1) at full float32 precision, so every
@@ -355,10 +356,10 @@ def write_predictions(
         for p, y, q, d in zip(paths, targets.flatten().tolist(), probs_list, preds, strict=True)
     ]
     columns = ["path", "label", "probability", "prediction"]
-    if sets is not None:
-        for row, s in zip(rows, sets, strict=True):
-            row["set"] = s
-        columns.append("set")
+    for name, values in {**({"set": sets} if sets is not None else {}), **(extra or {})}.items():
+        for row, value in zip(rows, values, strict=True):
+            row[name] = value
+        columns.append(name)
     return write_csv(rows, path, columns)
 
 

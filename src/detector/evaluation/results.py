@@ -15,6 +15,7 @@ from detector.data.decode import load_image
 from detector.distributed import (
     gather_rows,
 )
+from detector.evaluation.ood import NO_OOD_MODEL, format_ood, ood_summary
 from detector.evaluation.plots import (
     log_report,
     plot_confident_grid,
@@ -58,12 +59,28 @@ def write_test_report(
     trainer's loggers', whose test scalars Lightning has already logged).
     """
     probs, targets = _gather_predictions(model, trainer)
+    # The same on every rank (the checkpoint's), so every rank gathers or none does.
+    ood = gather_rows(trainer, torch.cat(model.test_ood)) if model.ood is not None else None
     settings = settings or report_settings()
     report = _build_report(model, trainer, probs, targets, settings)
+    if ood is not None and len(ood) == len(probs):
+        hp = model.hparams
+        report["ood"] = ood_summary(
+            ood, model.ood, probs, targets, list(hp.class_names), hp.positive_class, model.threshold
+        )
     if not trainer.is_global_zero:
         return report
     print("\n" + (f"== {title} ==\n" if title else "") + format_report(report))
-    samples = _write_files(report, output_dir, trainer, model, samples, probs, targets)
+    print(format_ood(report["ood"]) if "ood" in report else f"Out of domain: {NO_OOD_MODEL}")
+    columns = (
+        {}
+        if "ood" not in report
+        else {
+            "ood_score": [repr(float(s)) for s in ood],
+            "in_domain": [bool(b) for b in model.ood.in_domain(ood)],
+        }
+    )
+    samples = _write_files(report, output_dir, trainer, model, samples, probs, targets, columns)
     skip: tuple[str, ...] = ()
     if writers is None:
         writers = tensorboard_writers(trainer.loggers)
@@ -124,8 +141,10 @@ def _write_files(
     samples: list[tuple[str, int]] | None,
     probs: torch.Tensor,
     targets: torch.Tensor,
+    columns: dict[str, list],
 ) -> list[tuple[str, int]] | None:
-    """Write metrics.json and, where the images are known, predictions.csv; return the samples
+    """Write metrics.json and, where the images are known, predictions.csv (with ``columns``
+    added, one value per image); return the samples
     (the data module's test set when none are given), which the figures need too."""
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json(report, output_dir / "metrics.json")
@@ -142,7 +161,12 @@ def _write_files(
     ):
         samples = samples[: len(probs)]
         write_predictions(
-            output_dir / "predictions.csv", [p for p, _ in samples], probs, targets, model.threshold
+            output_dir / "predictions.csv",
+            [p for p, _ in samples],
+            probs,
+            targets,
+            model.threshold,
+            extra=columns,
         )
     return samples
 

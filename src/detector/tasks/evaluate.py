@@ -27,18 +27,25 @@ from detector.evaluation.report import (
 from detector.evaluation.results import write_test_report
 from detector.evaluation.robustness import robustness_spec, run_robustness
 from detector.module import DetectorModule
+from detector.tasks.ood import ood_reference, ood_separation, refit_ood
 from detector.tasks.trainer import build_loggers, build_trainer
 
 
-def _test_sets(cfg: DictConfig, model: DetectorModule) -> list[tuple[str, ImageFolderDataModule]]:
-    """(name, data module set up for test) per test set: ``data.test_dirs`` ({name: folder} or
-    a list of folders), else the one of ``data.test_dir`` / ``data.root``/test, named "test"."""
+def data_config(cfg: DictConfig, model: DetectorModule) -> tuple[dict, object]:
+    """``data`` as plain values at the checkpoint's image size, and ``data.test_dirs`` apart."""
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     spec = data_cfg.pop("test_dirs", None)
     if data_cfg.get("root") == "???":
         data_cfg["root"] = None
     if data_cfg.get("image_size") is None:
         data_cfg["image_size"] = int(model.hparams.image_size)
+    return data_cfg, spec
+
+
+def _test_sets(cfg: DictConfig, model: DetectorModule) -> list[tuple[str, ImageFolderDataModule]]:
+    """(name, data module set up for test) per test set: ``data.test_dirs`` ({name: folder} or
+    a list of folders), else the one of ``data.test_dir`` / ``data.root``/test, named "test"."""
+    data_cfg, spec = data_config(cfg, model)
     split = cfg.get("split") or "test"
     if split not in ("test", "val"):
         raise ConfigError(f"split={split!r} must be test or val")
@@ -142,10 +149,12 @@ def evaluate(cfg: DictConfig) -> dict:
     settings = report_settings(cfg)
     robustness = robustness_spec(cfg)
     sets = _test_sets(cfg, model)
+    reference = ood_reference(cfg, [name for name, _ in sets])
     trainer = build_trainer(cfg, output_dir, devices=1, num_nodes=1, strategy="auto", logger=False)
+    refit_ood(cfg, data_config(cfg, model)[0], model, trainer, output_dir)
     loggers, writers = _tensorboard(cfg)
     several = len(sets) > 1
-    reports, results = {}, {}
+    reports, results, ood_scores = {}, {}, {}
     for name, datamodule in sets:
         trainer.test(model, dataloaders=datamodule.test_dataloader(), verbose=False)
         samples = datamodule.test_set.samples
@@ -161,8 +170,13 @@ def evaluate(cfg: DictConfig) -> dict:
         )
         probs, targets = torch.cat(model.test_probs), torch.cat(model.test_targets)
         results[name] = (probs, targets, [p for p, _ in samples[: len(probs)]])
+        if model.test_ood:
+            ood_scores[name] = torch.cat(model.test_ood)
 
     table = [summary_row(name, report) for name, report in reports.items()]
+    for row, report in zip(table, reports.values(), strict=True):
+        if "ood" in report:
+            row["ood_flagged"] = report["ood"]["flagged"]
     if several:
         table.append(_pool(results, model, settings, output_dir))
     _write_table(table, model.threshold, reports[sets[0][0]]["positive_class"], output_dir)
@@ -170,6 +184,8 @@ def evaluate(cfg: DictConfig) -> dict:
     final = {**reports[sets[0][0]], "ckpt": str(cfg.ckpt), "table": table}
     if several:
         final["sets"] = reports
+    if reference:
+        final["ood_reference"] = ood_separation(reference, ood_scores, writers)
     if robustness:
         final["robustness"] = run_robustness(
             trainer, robustness, model, sets, reports, output_dir, writers

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from detector.api import Detector
 from detector.data.decode import IMAGE_EXTENSIONS, load_image
 from detector.errors import ConfigError
+from detector.evaluation.ood import NO_OOD_MODEL
 from detector.files import describe_error
 from detector.tasks.inputs import (
     UNREADABLE_SHOWN,
@@ -63,18 +64,24 @@ def _scored_rows(
     for indices, images, failed in loader:
         rows: dict[int, dict] = {}
         if images is not None:
-            for i, p1 in zip(indices, detector.score(images).tolist(), strict=True):
-                pred = detector.decide(p1)
+            probs, ood = detector.score_with_ood(images)
+            ood_list = ood.tolist() if ood is not None else [None] * len(probs)
+            for i, p1, s in zip(indices, probs.tolist(), ood_list, strict=True):
+                pred = detector.decide(p1, s)
                 counts[pred.label] += 1
+                counts["flagged"] += pred.in_domain is False
                 rows[i] = {
                     prob_cols[0]: round(1.0 - p1, 7),
                     prob_cols[1]: round(p1, 7),
                     "label": pred.label,
+                    "ood_score": None if s is None else float(f"{s:.7g}"),
+                    "in_domain": pred.in_domain,
                     "error": None,
                 }
         for i, err in failed:
             errors.append((paths[i], err))
-            rows[i] = {prob_cols[0]: None, prob_cols[1]: None, "label": None, "error": err}
+            empty = dict.fromkeys([*prob_cols, "label", "ood_score", "in_domain"])
+            rows[i] = {**empty, "error": err}
         common = {"threshold": detector.threshold, "model_id": detector.model_id}
         yield {i: {"path": paths[i], **common, **row} for i, row in rows.items()}
 
@@ -97,14 +104,15 @@ def predict(cfg: DictConfig) -> dict:
     paths = image_paths(cfg, f" ({', '.join(IMAGE_EXTENSIONS)})")
     detector = load_detector(cfg)
     names = detector.class_names
-    columns = ["path", *(f"prob_{n}" for n in names), "label", "threshold", "model_id", "error"]
+    columns = ["path", *(f"prob_{n}" for n in names), "label", "ood_score", "in_domain"]
+    columns += ["threshold", "model_id", "error"]
     loader = DataLoader(
         _Files(paths, detector.image_size),
         batch_size=batch_size,
         num_workers=int(cfg.num_workers),
         collate_fn=_collate,
     )
-    counts = dict.fromkeys(names, 0)
+    counts = dict.fromkeys([*names, "flagged"], 0)
     errors: list[tuple[str, str]] = []
     rows = _scored_rows(detector, loader, paths, counts, errors)
     write_rows(out, fmt, columns, rows, "predict", cfg.get("progress"), len(paths))
@@ -117,11 +125,19 @@ def predict(cfg: DictConfig) -> dict:
             len(errors) - UNREADABLE_SHOWN,
         )
     require_some_read(scored, errors, len(paths), cfg.input, f"rows with the errors are in {out}")
+    flagged = counts.pop("flagged")
     summary = ", ".join(f"{n} {c}" for n, c in counts.items())
     print(
         f"Scored {scored} of {len(paths)} images ({summary}; {len(errors)} unreadable) with "
         f"model {detector.model_id}, threshold {detector.threshold:.4f}\nPredictions: {out}"
     )
+    if detector.ood is None:
+        print(f"Out of domain: {NO_OOD_MODEL}")
+    else:
+        print(
+            f"{flagged} of {scored} images are unlike the training data (in_domain=false): "
+            "their labels are unreliable"
+        )
     return {
         "output": str(out),
         "n": len(paths),
@@ -130,4 +146,5 @@ def predict(cfg: DictConfig) -> dict:
         "counts": counts,
         "model_id": detector.model_id,
         "threshold": detector.threshold,
+        "flagged": flagged if detector.ood is not None else None,
     }

@@ -17,7 +17,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detector.checkpoint import (
+    AtomicCheckpointIO,
     check_resume_checkpoint,
+    load_checkpoint_file,
     resolve_ckpt_path,
     run_folder_of,
     safe_loading,
@@ -29,6 +31,7 @@ from detector.distributed import (
     keep_files_to_rank_zero,
     launch_rank,
 )
+from detector.evaluation.ood import fit_on_data
 from detector.evaluation.results import write_test_report
 from detector.module import DetectorModule
 from detector.tasks.trainer import build_trainer
@@ -62,6 +65,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         rank_zero_only(log.warning)("training was interrupted; last checkpoint: %s", best)
         return metrics
 
+    if best and cfg.get("ood") and hasattr(datamodule, "features_dataloader"):
+        _fit_ood(trainer, model, datamodule, Path(best), cfg.ood)
+
     # Under DDP every rank tests its own shard of the test set with the best checkpoint (one
     # Trainer, one process group: no rank waits for another) and write_test_report gathers them.
     if cfg.get("test") and datamodule.has_test:
@@ -80,6 +86,33 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics["best_model_path"] = best
     _print_next_steps(best, trainer)
     return metrics
+
+
+def _fit_ood(
+    trainer: L.Trainer, model: DetectorModule, datamodule, best: Path, settings: DictConfig
+) -> None:
+    """Fit the out-of-domain model with the best checkpoint's weights and store it in that
+    checkpoint (rank 0 writes, atomically; every rank waits for the file before testing it)."""
+    checkpoint = load_checkpoint_file(best, setting="the best checkpoint")
+    model.load_state_dict(checkpoint["state_dict"])
+    model.ood = fit_on_data(
+        model, datamodule, trainer, str(settings.feature), float(settings.quantile)
+    )
+    if trainer.is_global_zero:
+        checkpoint["ood"] = model.ood.state()
+        AtomicCheckpointIO().save_checkpoint(checkpoint, best)
+        info = model.ood.info
+        log.info(
+            "out-of-domain model (%s features, %d training images) stored in %s: threshold "
+            "%.4g flags %.1f%% of the %d validation images",
+            model.ood.feature,
+            info["train_images"],
+            best,
+            model.ood.threshold,
+            100 * info["val_flagged"],
+            info["val_images"],
+        )
+    trainer.strategy.barrier()
 
 
 def _resume_from(cfg: DictConfig) -> Path | None:

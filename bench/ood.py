@@ -1,0 +1,59 @@
+"""What the out-of-domain score costs: images/s of Detector scoring with and without it, in one
+run, interleaved (medians of repeats), on decoded batches (decoding is the same either way).
+
+    python bench/ood.py CKPT FOLDER [--batch 64] [--images 512] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from detector.api import Detector
+from detector.data.decode import load_image
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("ckpt")
+    parser.add_argument("folder")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    detector = Detector.from_checkpoint(args.ckpt)
+    if detector.ood is None:
+        raise SystemExit(f"error: {args.ckpt} has no out-of-domain model")
+    files = sorted(Path(args.folder).rglob("*.jpg"))[: args.images]
+    images = torch.stack([load_image(str(f), detector.image_size) for f in files])
+    batches = list(images.split(args.batch))
+
+    def plain() -> None:
+        for b in batches:
+            detector.score(b)
+
+    def with_ood() -> None:
+        for b in batches:
+            detector.score_with_ood(b)
+
+    plain(), with_ood()  # warm-up
+    times: dict[str, list[float]] = {"plain": [], "ood": []}
+    for _ in range(args.repeats):
+        for name, fn in (("plain", plain), ("ood", with_ood)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    rate = {k: len(images) / statistics.median(v) for k, v in times.items()}
+    print(f"{len(images)} images at {detector.image_size} px, batch {args.batch}, torch threads "
+          f"{torch.get_num_threads()}")  # fmt: skip
+    print(f"  without ood_score: {rate['plain']:8.1f} images/s")
+    print(f"  with ood_score:    {rate['ood']:8.1f} images/s")
+    print(f"  slow-down: {rate['plain'] / rate['ood'] - 1:+.1%} (target <= +10%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""Knowing when not to answer: a density model of what the detector was trained on.
+
+A binary detector gives every input a label, also an image unlike anything it learned (random
+noise, a flat colour, another generator's images, a photograph at another scale), often with
+high confidence. Three Gaussian models of the training split, each one Gaussian per class with
+a shared covariance, scored by the smallest squared Mahalanobis distance to a class mean (Lee et
+al., NeurIPS 2018), look at three levels:
+
+* ``features``: the network's penultimate features (``ood.feature``: the head's ReLU
+  activations, or the pooled backbone features): what it has learned to see;
+* ``stages``: the channel means and spreads of the backbone's early stages (1/4 and 1/8 of the
+  input): textures and edges, where other image sources differ first;
+* ``pixels``: simple statistics of the pixels at the model's input (channel means and spreads,
+  the step between neighbours, the correlation of neighbours and of colour channels), far from
+  natural images for noise and flat colours.
+
+``ood_score`` is the mean of the three distances, each divided by its median on the
+validation split (higher = less like the training data); the threshold is the ``quantile`` of
+the validation split's scores, so about ``1 - quantile`` of in-domain images are flagged by
+construction. The label is never changed: ``in_domain=false`` says it is unreliable.
+docs/ood.md has the measurements behind these choices.
+
+Everything is plain tensors and numbers, stored in the checkpoint under ``"ood"``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from detector.distributed import gather_rows
+from detector.errors import ConfigError
+from detector.evaluation.metrics import ranking_metrics, threshold_metrics
+
+FEATURES = ("hidden", "pooled")  # the head's ReLU activations, or the pooled backbone map
+# Ridge added to a shared covariance, relative to its mean variance: features of a small
+# network are often rank-deficient (dead ReLUs), and the inverse must exist.
+RIDGE = 1e-3
+STATE_KEYS = {"feature", "means", "precisions", "scales", "threshold", "quantile"}
+NO_OOD_MODEL = (
+    "this checkpoint has no out-of-domain model (trained before it existed, or with ood=null): "
+    "ood_score and in_domain are left empty; python eval.py ckpt=... ood.refit=true fits one"
+)
+
+
+def pixel_statistics(images: torch.Tensor) -> torch.Tensor:
+    """(N, 13) statistics of an RGB batch at the model's input size (uint8, or float in
+    [0, 1]): log of the channel means and spreads and of the mean step between neighbouring
+    pixels, and (as atanh) the correlation of neighbouring pixels and of the colour channels."""
+    x = images.float() * (255.0 if images.is_floating_point() else 1.0)
+    grey = x.mean(1)
+    steps = [(grey[:, :, 1:] - grey[:, :, :-1]).abs(), (grey[:, 1:] - grey[:, :-1]).abs()]
+    levels = [*x.mean((2, 3)).T, *x.std((2, 3)).T, *(s.mean((1, 2)) for s in steps)]
+    pairs = [(x[:, 0], x[:, 1]), (x[:, 1], x[:, 2]), (x[:, 0], x[:, 2])]
+    pairs += [(grey[:, :, 1:], grey[:, :, :-1]), (grey[:, 1:], grey[:, :-1])]
+    corr = torch.stack([_correlation(a, b) for a, b in pairs], 1)
+    return torch.cat(
+        [torch.log1p(torch.stack(levels, 1)), torch.atanh(corr.clamp(-0.999, 0.999))], 1
+    )
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per image; 0 where either is flat (no correlation to speak of)."""
+    a = a - a.mean((1, 2), keepdim=True)
+    b = b - b.mean((1, 2), keepdim=True)
+    spread = a.pow(2).mean((1, 2)).sqrt() * b.pow(2).mean((1, 2)).sqrt()
+    return (a * b).mean((1, 2)) / (spread + 1e-3)
+
+
+@dataclass
+class Gaussians:
+    """Class means and the inverse of the shared (within-class) covariance, float64."""
+
+    means: torch.Tensor  # (classes, D)
+    precision: torch.Tensor  # (D, D)
+    _whiten: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    @classmethod
+    def fit(cls, values: torch.Tensor, labels: torch.Tensor) -> Gaussians:
+        f = values.to(torch.float64)
+        classes = sorted(int(c) for c in labels.unique())
+        if len(classes) < 2:
+            raise ValueError("the training features hold one class only")
+        means = torch.stack([f[labels == c].mean(0) for c in classes])
+        centred = f - means[torch.searchsorted(torch.tensor(classes), labels)]
+        cov = centred.T @ centred / max(len(f) - len(classes), 1)
+        ridge = RIDGE * float(cov.diagonal().mean()) + 1e-12
+        precision = torch.linalg.inv(cov + ridge * torch.eye(len(cov), dtype=cov.dtype))
+        return cls(means, precision)
+
+    def distance(self, values: torch.Tensor) -> torch.Tensor:
+        """Smallest squared Mahalanobis distance to a class mean, on the CPU.
+
+        Through the whitening map ``W`` (``precision = W W^T``, Cholesky, computed once in
+        float64): ``||x W - mu W||^2``, one float32 matrix product per batch instead of a
+        float64 quadratic form per class.
+        """
+        if self._whiten is None:
+            whiten = torch.linalg.cholesky(self.precision)
+            self._whiten = (whiten.float(), (self.means @ whiten).float())
+        whiten, centres = self._whiten
+        z = values.detach().to("cpu", torch.float32) @ whiten
+        # Differences, not cdist: its matrix-product path (chosen by batch size) would make a
+        # score depend on the batch it came in.
+        return (z[:, None] - centres[None]).pow(2).sum(-1).min(dim=1).values.double()
+
+
+COMPONENTS = ("features", "stages", "pixels")
+
+
+@dataclass
+class OODModel:
+    """One density model per component, their scales and the threshold on the mean score."""
+
+    feature: str
+    models: dict[str, Gaussians]
+    scales: dict[str, float]  # validation medians of each component's distance
+    threshold: float
+    quantile: float
+    info: dict
+
+    def score(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean of the scaled distances of ``parts`` (component -> (N, D)), float32, CPU."""
+        scaled = [self.models[k].distance(parts[k]) / self.scales[k] for k in COMPONENTS]
+        return torch.stack(scaled).mean(0).float()
+
+    def score_batch(self, images: torch.Tensor, embedding) -> torch.Tensor:
+        """The score of a batch at the model's input size and its
+        :meth:`SEClassifier.embed` (the same call gives the probability)."""
+        return self.score(components(images, embedding, self.feature))
+
+    def in_domain(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores <= self.threshold
+
+    def state(self) -> dict:
+        return {
+            "method": "mean scaled Mahalanobis distance of " + ", ".join(COMPONENTS),
+            "feature": self.feature,
+            "means": {k: g.means for k, g in self.models.items()},
+            "precisions": {k: g.precision for k, g in self.models.items()},
+            "scales": dict(self.scales),
+            "threshold": self.threshold,
+            "quantile": self.quantile,
+            "info": self.info,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> OODModel | None:
+        if not state:
+            return None
+        if not isinstance(state, dict) or not set(state) >= STATE_KEYS:
+            warnings.warn(
+                "the checkpoint's out-of-domain model is of another version and is ignored "
+                "(refit it with python eval.py ckpt=... ood.refit=true)",
+                stacklevel=2,
+            )
+            return None
+        models = {
+            k: Gaussians(state["means"][k].double(), state["precisions"][k].double())
+            for k in COMPONENTS
+        }
+        return cls(
+            feature=state["feature"],
+            models=models,
+            scales={k: float(v) for k, v in state["scales"].items()},
+            threshold=float(state["threshold"]),
+            quantile=float(state["quantile"]),
+            info=dict(state.get("info") or {}),
+        )
+
+
+def components(images: torch.Tensor, embedding, feature: str) -> dict[str, torch.Tensor]:
+    """What each component reads, from a batch and its embedding."""
+    return {
+        "features": embedding.hidden if feature == "hidden" else embedding.pooled,
+        "stages": embedding.stages,
+        "pixels": pixel_statistics(images),
+    }
+
+
+def check_ood_settings(feature: str, quantile: float) -> None:
+    if feature not in FEATURES:
+        raise ConfigError(f"ood.feature={feature!r} must be one of {', '.join(FEATURES)}")
+    if not 0.5 <= quantile < 1.0:
+        raise ConfigError(f"ood.quantile={quantile} must be in [0.5, 1)")
+
+
+def fit_ood(
+    train: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    val: dict[str, torch.Tensor],
+    feature: str,
+    quantile: float,
+) -> OODModel:
+    """The density models of the training split's components (component -> (N, D)); scales
+    and threshold from the validation split's."""
+    models = {k: Gaussians.fit(train[k], labels) for k in COMPONENTS}
+    scales = {k: float(models[k].distance(val[k]).median()) + 1e-12 for k in COMPONENTS}
+    model = OODModel(feature, models, scales, float("inf"), quantile, {})
+    val_scores = model.score(val)
+    model.threshold = float(torch.quantile(val_scores.double(), quantile))
+    model.info = {
+        "train_images": len(labels),
+        "val_images": len(val_scores),
+        "val_flagged": float((val_scores > model.threshold).float().mean()),
+        "dims": {k: int(train[k].shape[1]) for k in COMPONENTS},
+    }
+    return model
+
+
+def collect_features(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+    embed: Callable,
+    feature: str,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(component -> (N, D), labels) of every batch, on the CPU."""
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in COMPONENTS}
+    labels = []
+    with torch.inference_mode():
+        for images, targets in batches:
+            x = prepare(images)
+            for k, v in components(x, embed(x), feature).items():
+                parts[k].append(v.float().cpu())
+            labels.append(targets.cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}, torch.cat(labels)
+
+
+def fit_on_data(model, datamodule, trainer, feature: str, quantile: float) -> OODModel:
+    """Fit on ``datamodule``'s training split (densities) and validation split (scales,
+    threshold), with ``model``'s current weights in float32, on the trainer's device.
+
+    Under DDP every rank embeds its own shard and the features of all ranks are gathered, so
+    every rank fits the same model (the same numbers as on one device).
+    """
+    check_ood_settings(feature, quantile)
+    device = trainer.strategy.root_device
+    model.to(device).eval()
+
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        return model.prepare(images.to(device))
+
+    def gathered(loader) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        parts, labels = collect_features(loader, prepare, model.net.embed, feature)
+        return {k: gather_rows(trainer, v) for k, v in parts.items()}, gather_rows(trainer, labels)
+
+    train, labels = gathered(datamodule.features_dataloader())
+    val, _ = gathered(datamodule.val_dataloader())
+    return fit_ood(train, labels, val, feature, quantile)
+
+
+def ood_summary(
+    scores: torch.Tensor,
+    ood: OODModel,
+    probs: torch.Tensor,
+    targets: torch.Tensor,
+    class_names: list[str],
+    positive_class: int,
+    threshold: float,
+) -> dict:
+    """How many test images are flagged, and the metrics on all of them vs the in-domain ones
+    (what the labels are worth where the detector does answer)."""
+    keep = ood.in_domain(scores)
+    out = {
+        "threshold": ood.threshold,
+        "quantile": ood.quantile,
+        "feature": ood.feature,
+        "n": len(scores),
+        "n_flagged": int((~keep).sum()),
+        "flagged": float((~keep).float().mean()) if len(scores) else float("nan"),
+    }
+    if keep.any():
+        m = threshold_metrics(probs[keep], targets[keep], threshold, class_names, positive_class)
+        m.update(ranking_metrics(probs[keep], targets[keep], positive_class))
+        out["in_domain"] = {
+            "n": int(keep.sum()),
+            **{k: m[k] for k in ("accuracy", "balanced_accuracy", "auroc", "average_precision")},
+        }
+    return out
+
+
+def format_ood(summary: dict) -> str:
+    lines = [
+        f"Out of domain ({summary['feature']} features, early stages and pixels; threshold "
+        f"{summary['threshold']:.4g} = "
+        f"the {summary['quantile']:.0%} quantile of validation scores)",
+        f"  {summary['n_flagged']} of {summary['n']} images ({summary['flagged']:.1%}) are unlike "
+        "the training data: their labels are unreliable",
+    ]
+    inside = summary.get("in_domain")
+    if inside:
+        lines.append(
+            f"  on the {inside['n']} in-domain images: accuracy {inside['accuracy']:.4f}, "
+            f"AUROC {inside['auroc']:.4f}"
+        )
+    return "\n".join(lines)

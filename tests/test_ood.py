@@ -1,0 +1,203 @@
+"""The out-of-domain model: fitted after training, stored in the checkpoint, on every output.
+
+Noise, flat colours and 1x1 images must come out ``in_domain=false``; the model's own test
+images mostly in domain; eval, predict and the API give the same ``ood_score`` for a file.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from detector import Detector
+from detector.checkpoint import load_checkpoint, load_checkpoint_file
+from detector.evaluation.ood import NO_OOD_MODEL, OODModel, fit_ood, pixel_statistics
+from detector.tasks.evaluate import evaluate
+from detector.tasks.predict import predict
+from tests.conftest import compose_config
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def synthetic_images(folder: Path) -> list[Path]:
+    """8 random-noise PNGs (several sizes), 4 flat colours and a 1x1 image."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, side in enumerate((32, 64, 256, 32, 48, 32, 100, 32)):
+        paths.append(folder / f"noise{i}.png")
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(paths[-1])
+    for i, colour in enumerate([(0, 0, 0), (255, 255, 255), (128, 128, 128), (200, 30, 30)]):
+        paths.append(folder / f"flat{i}.png")
+        Image.new("RGB", (32, 32), colour).save(paths[-1])
+    paths.append(folder / "one_pixel.png")
+    Image.new("RGB", (1, 1), (90, 120, 30)).save(paths[-1])
+    return paths
+
+
+def test_fit_scores_far_points_higher_and_sets_the_threshold_at_the_quantile():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[3.0, 0.0, 0.0], [-3.0, 0.0, 0.0]])
+
+    def sample(n: int) -> dict[str, torch.Tensor]:
+        y = torch.arange(n) % 2
+        parts = {k: torch.randn(n, 2, generator=gen) for k in ("stages", "pixels")}
+        return {"features": centres[y] + torch.randn(n, 3, generator=gen), **parts}
+
+    labels = torch.arange(2000) % 2
+    train, val = sample(2000), sample(1000)
+    model = fit_ood(train, labels, val, "hidden", 0.95)
+    assert torch.allclose(model.models["features"].means.float(), centres, atol=0.1)
+    assert model.info["val_flagged"] == pytest.approx(0.05, abs=0.002)
+    typical = {"features": centres, "stages": torch.zeros(2, 2), "pixels": torch.zeros(2, 2)}
+    assert model.score(typical).max() < model.threshold
+    for part, far in (
+        ("features", [0.0, 12.0, 0.0]),
+        ("stages", [12.0, 0.0]),
+        ("pixels", [0, 12.0]),
+    ):
+        odd = {k: v[:1] for k, v in typical.items()} | {part: torch.tensor([far])}
+        assert not model.in_domain(model.score(odd)).item(), part
+    # the mean of the scaled distances: one unit-variance feature off by 2 adds 4 / 3 / scale
+    shifted = {k: v[:1] for k, v in typical.items()} | {"features": torch.tensor([[3.0, 2.0, 0.0]])}
+    expected = 4.0 / model.scales["features"] / 3
+    assert model.score(shifted).item() - model.score(typical)[0].item() == pytest.approx(
+        expected, rel=0.05
+    )
+    again = OODModel.from_state(model.state())
+    assert torch.equal(again.score(val), model.score(val)) and again.threshold == model.threshold
+
+
+def test_pixel_statistics_tell_noise_and_flat_colour_from_photographs():
+    photo = torch.from_numpy(np.asarray(a_photograph())).permute(2, 0, 1).contiguous()
+    rng = np.random.default_rng(0)
+    noise = torch.from_numpy(rng.integers(0, 256, (3, 32, 32), dtype=np.uint8))
+    flat = torch.full((3, 32, 32), 128, dtype=torch.uint8)
+    stats = pixel_statistics(torch.stack([photo, noise, flat]))
+    assert stats.shape == (3, 13) and torch.isfinite(stats).all()
+    neighbour = stats[:, -1]  # atanh of the vertical neighbour correlation
+    assert neighbour[0] > 1.0 and abs(neighbour[1]) < 0.3 and neighbour[2] == 0.0
+    assert torch.allclose(stats[:1], pixel_statistics(photo[None].float() / 255), atol=1e-4)
+
+
+def a_photograph() -> Image.Image:
+    """A photograph at 32x32, as CIFAKE's are (scikit-image ships it)."""
+    import skimage.data
+
+    return Image.fromarray(skimage.data.astronaut()).resize((32, 32), Image.BILINEAR)
+
+
+def test_training_stores_the_model_in_the_best_checkpoint(trained_run):
+    checkpoint = load_checkpoint_file(trained_run["ckpt"])
+    state = checkpoint["ood"]
+    assert state["feature"] == "hidden" and set(state["scales"]) == {"features", "stages", "pixels"}
+    assert state["means"]["features"].shape == (2, 128)
+    assert state["precisions"]["features"].shape == (128, 128)
+    assert state["means"]["stages"].shape == (2, 2 * (32 + 48))  # test_resnet's layer1, layer2
+    assert state["means"]["pixels"].shape == (2, 13)
+    assert state["info"]["train_images"] == 38 and state["info"]["val_images"] == 10
+    assert 0.0 <= state["info"]["val_flagged"] <= 0.1 + 1e-6  # 1 of 10 at most
+    assert load_checkpoint(trained_run["ckpt"]).ood.threshold == state["threshold"]
+    # the run's own test report counts the flagged images and scores the in-domain ones
+    report = trained_run["metrics"]
+    assert "best_model_path" in report
+    rows = _rows(trained_run["dir"] / "predictions.csv")
+    assert {r["in_domain"] for r in rows} <= {"True", "False"} and all(r["ood_score"] for r in rows)
+
+
+def test_api_flags_noise_flat_colours_and_tiny_images(trained_run, tmp_path):
+    detector = Detector.from_checkpoint(trained_run["ckpt"])
+    synthetic = detector.predict(synthetic_images(tmp_path))
+    assert [p.in_domain for p in synthetic] == [False] * 13, [p.ood_score for p in synthetic]
+    assert all(p.ood_score > detector.ood.threshold for p in synthetic)
+    test_images = sorted((trained_run["data"] / "test").rglob("*.jpg"))
+    own = detector.predict(test_images)
+    assert sum(p.in_domain is False for p in own) <= 0.1 * len(own)
+
+
+def test_predict_and_eval_agree_on_ood_score(trained_run, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    synthetic_images(folder)
+    test_images = sorted((trained_run["data"] / "test").rglob("*.jpg"))
+    for p in test_images:
+        (folder / f"{p.parent.name}_{p.name}").write_bytes(p.read_bytes())
+    cfg = compose_config(
+        "predict",
+        tmp_path / "p",
+        [f"ckpt={trained_run['ckpt']}", f"input={folder}", "num_workers=0", "progress=false"],
+    )
+    result = predict(cfg)
+    out = capsys.readouterr().out
+    rows = {Path(r["path"]).name: r for r in _rows(Path(result["output"]))}
+    synthetic = [r for n, r in rows.items() if not n.startswith(("FAKE_", "REAL_"))]
+    own = [r for n, r in rows.items() if n.startswith(("FAKE_", "REAL_"))]
+    assert len(synthetic) == 13 and {r["in_domain"] for r in synthetic} == {"False"}
+    assert sum(r["in_domain"] == "False" for r in own) <= 0.1 * len(own)
+    assert result["flagged"] == sum(r["in_domain"] == "False" for r in rows.values())
+    assert f"{result['flagged']} of {len(rows)} images are unlike the training data" in out
+
+    ev = compose_config(
+        "eval",
+        tmp_path / "e",
+        [f"ckpt={trained_run['ckpt']}", "data=imagefolder", f"data.root={trained_run['data']}",
+         "data.num_workers=0", "trainer.accelerator=cpu"],
+    )  # fmt: skip
+    report = evaluate(ev)
+    printed = capsys.readouterr().out
+    assert f"{report['ood']['n_flagged']} of {report['n']} images" in printed
+    assert report["ood"]["in_domain"]["n"] == report["n"] - report["ood"]["n_flagged"]
+    for r in _rows(tmp_path / "e" / "predictions.csv"):
+        mine = rows[f"{Path(r['path']).parent.name}_{Path(r['path']).name}"]
+        assert float(r["ood_score"]) == pytest.approx(float(mine["ood_score"]), rel=1e-5)
+        assert r["in_domain"] == mine["in_domain"]
+
+
+def test_eval_separates_an_unfamiliar_set_from_the_reference(trained_run, tmp_path):
+    noise = tmp_path / "noise"
+    for label in ("FAKE", "REAL"):
+        synthetic_images(noise / label)
+    cfg = compose_config(
+        "eval",
+        tmp_path / "e",
+        [f"ckpt={trained_run['ckpt']}", "data=imagefolder", "data.num_workers=0",
+         "trainer.accelerator=cpu", f"data.test_dirs={{own: {trained_run['data'] / 'test'}, "
+         f"noise: {noise}}}", "ood.reference=own"],
+    )  # fmt: skip
+    report = evaluate(cfg)
+    assert report["ood_reference"] == {"reference": "own", "auroc": {"noise": 1.0}}
+    flagged = {row["set"]: row.get("ood_flagged") for row in report["table"]}
+    assert flagged["noise"] == 1.0 and flagged["own"] <= 0.1
+
+
+def test_a_checkpoint_without_the_model_says_so_and_eval_can_refit_it(trained_run, tmp_path):
+    checkpoint = load_checkpoint_file(trained_run["ckpt"])
+    del checkpoint["ood"]
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    assert load_checkpoint(old).ood is None
+    (p,) = Detector.from_checkpoint(old).predict(synthetic_images(tmp_path / "img")[:1])
+    assert p.ood_score is None and p.in_domain is None
+
+    run = tmp_path / "e"
+    base = [f"ckpt={old}", "data=imagefolder", f"data.root={trained_run['data']}",
+            "data.num_workers=0", "trainer.accelerator=cpu"]  # fmt: skip
+    report = evaluate(compose_config("eval", tmp_path / "plain", base))
+    assert "ood" not in report and NO_OOD_MODEL.startswith("this checkpoint has no")
+    report = evaluate(compose_config("eval", run, [*base, "ood.refit=true"]))
+    refit = load_checkpoint_file(run / "checkpoint-ood.ckpt")["ood"]
+    fitted = load_checkpoint_file(trained_run["ckpt"])["ood"]
+    assert refit["threshold"] == pytest.approx(fitted["threshold"], rel=1e-4)
+    for part in ("features", "stages", "pixels"):
+        assert torch.allclose(refit["means"][part], fitted["means"][part], rtol=1e-4, atol=1e-6)
+    assert report["ood"]["n_flagged"] == int(
+        sum(r["in_domain"] == "False" for r in _rows(run / "predictions.csv"))
+    )
+    assert "ood" not in load_checkpoint_file(old)  # the original is left as it was
