@@ -114,7 +114,8 @@ def test_predictions_csv_recomputes_the_report(trained_run, tmp_path):
     with (tmp_path / "predictions.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == report["n"] == 16
-    assert set(rows[0]) == {"path", "label", "probability", "prediction"}
+    assert set(rows[0]) == {"path", "label", "probability", "prediction", "ood_score", "in_domain"}
+    assert report["ood"]["n_flagged"] == sum(r["in_domain"] == "False" for r in rows)
     labels = np.array([int(r["label"]) for r in rows])
     probs = np.array([float(r["probability"]) for r in rows])
     preds = np.array([int(r["prediction"]) for r in rows])
