@@ -15,6 +15,7 @@ import torch
 
 from detector.api import Detector
 from detector.data.decode import load_image
+from detector.errors import DetectorError
 
 
 def main() -> None:
@@ -25,7 +26,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    detector = Detector.from_checkpoint(args.ckpt)
+    try:
+        detector = Detector.from_checkpoint(args.ckpt)
+    except DetectorError as e:
+        raise SystemExit(f"error: {e}") from None
     if detector.ood is None:
         raise SystemExit(f"error: {args.ckpt} has no out-of-domain model")
     files = sorted(Path(args.folder).rglob("*.jpg"))[: args.images]
