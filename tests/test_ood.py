@@ -7,6 +7,7 @@ images mostly in domain; eval, predict and the API give the same ``ood_score`` f
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +202,21 @@ def test_a_checkpoint_without_the_model_says_so_and_eval_can_refit_it(trained_ru
         sum(r["in_domain"] == "False" for r in _rows(run / "predictions.csv"))
     )
     assert "ood" not in load_checkpoint_file(old)  # the original is left as it was
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("ood.feature=logits", "ood.feature='logits' must be one of hidden, pooled"),
+     ("ood.quantile=1.5", "ood.quantile=1.5 must be in [0.5, 1)")],
+)  # fmt: skip
+def test_bad_ood_settings_stop_training_before_it_starts(image_folder, tmp_path, override, message):
+    from detector.errors import ConfigError
+    from detector.tasks.train import train
+    from tests.conftest import TINY
+
+    cfg = compose_config(
+        "train", tmp_path, [*TINY, "data=imagefolder", f"data.root={image_folder}", override]
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        train(cfg)
+    assert not list(tmp_path.rglob("*.ckpt"))

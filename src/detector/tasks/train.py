@@ -31,7 +31,7 @@ from detector.distributed import (
     keep_files_to_rank_zero,
     launch_rank,
 )
-from detector.evaluation.ood import fit_on_data
+from detector.evaluation.ood import check_ood_settings, fit_on_data
 from detector.evaluation.results import write_test_report
 from detector.module import DetectorModule
 from detector.tasks.trainer import build_trainer
@@ -45,6 +45,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_train_settings(cfg)
     if OmegaConf.select(cfg, "model.backbone") is not None:
         check_backbone(cfg.model.backbone)  # before the data scan, which can take a while
+    if cfg.get("ood"):  # fitted after training: a typo must not cost the run
+        check_ood_settings(str(cfg.ood.get("feature")), float(cfg.ood.get("quantile", 0.95)))
     resume = _resume_from(cfg)
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
@@ -95,9 +97,14 @@ def _fit_ood(
     checkpoint (rank 0 writes, atomically; every rank waits for the file before testing it)."""
     checkpoint = load_checkpoint_file(best, setting="the best checkpoint")
     model.load_state_dict(checkpoint["state_dict"])
-    model.ood = fit_on_data(
-        model, datamodule, trainer, str(settings.feature), float(settings.quantile)
-    )
+    try:
+        model.ood = fit_on_data(
+            model, datamodule, trainer, str(settings.feature), float(settings.quantile)
+        )
+    except ValueError as e:  # e.g. a training split with one class: the same on every rank
+        rank_zero_only(log.warning)("out-of-domain model not fitted (%s): predictions of %s "
+                                    "will have no ood_score", e, best)  # fmt: skip
+        return
     if trainer.is_global_zero:
         checkpoint["ood"] = model.ood.state()
         AtomicCheckpointIO().save_checkpoint(checkpoint, best)
