@@ -112,6 +112,17 @@ def test_training_stores_the_model_in_the_best_checkpoint(trained_run):
     assert "best_model_path" in report
     rows = _rows(trained_run["dir"] / "predictions.csv")
     assert {r["in_domain"] for r in rows} <= {"True", "False"} and all(r["ood_score"] for r in rows)
+    # ... and logs the flagged share to TensorBoard (read with TensorBoard's own reader)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flagged = sum(r["in_domain"] == "False" for r in rows) / len(rows)
+    logged = []
+    for events in (trained_run["dir"] / "tensorboard").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if "test/ood_flagged" in acc.Tags()["scalars"]:
+            logged += [e.value for e in acc.Scalars("test/ood_flagged")]
+    assert logged == [pytest.approx(flagged)]
 
 
 def test_api_flags_noise_flat_colours_and_tiny_images(trained_run, tmp_path):

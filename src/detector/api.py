@@ -149,9 +149,9 @@ class Detector:
     def score_with_ood(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """P(class 1) and each image's ``ood_score`` (None without an out-of-domain model), in
         one pass: the logits of :meth:`SEClassifier.embed` equal :meth:`score`'s."""
-        x = images.to(self.device)
         if self.ood is None:
-            return self.net.probability(x).cpu(), None
+            return self.score(images), None
+        x = images.to(self.device)
         embedding = self.net.embed(x)
         return torch.sigmoid(embedding.logits.float()).cpu(), self.ood.score_batch(x, embedding)
 

@@ -89,6 +89,8 @@ def write_test_report(
     step = trainer.global_step
     for writer in writers:
         log_report(writer, tb_prefix, report, probs, targets, step=step, skip=skip)
+        if "ood" in report:
+            writer.add_scalar(f"{tb_prefix}/ood_flagged", report["ood"]["flagged"], step)
     for name, fig in figures.items():
         publish_figure(fig, output_dir / f"{name}.png", writers, f"{tb_prefix}/{name}", step)
     for writer in writers:
