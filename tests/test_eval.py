@@ -114,7 +114,16 @@ def test_predictions_csv_recomputes_the_report(trained_run, tmp_path):
     with (tmp_path / "predictions.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == report["n"] == 16
-    assert set(rows[0]) == {"path", "label", "probability", "prediction", "ood_score", "in_domain"}
+    assert set(rows[0]) == {
+        "path",
+        "label",
+        "probability",
+        "prediction",
+        "ood_score",
+        "in_domain",
+        "n_tiles",
+    }
+    assert {r["n_tiles"] for r in rows} == {"1"}  # a resize model scores each image once
     assert report["ood"]["n_flagged"] == sum(r["in_domain"] == "False" for r in rows)
     labels = np.array([int(r["label"]) for r in rows])
     probs = np.array([float(r["probability"]) for r in rows])

@@ -24,7 +24,9 @@ from torchmetrics.classification import (
     BinaryRecall,
 )
 
+from detector.data.contract import check_input
 from detector.data.preprocess import prepare_batch
+from detector.data.tiles import DEFAULT_MAX_TILES, aggregate_logits
 from detector.distributed import gather_rows
 from detector.errors import ConfigError
 from detector.evaluation.metrics import THRESHOLD_RULES, fit_threshold
@@ -95,11 +97,19 @@ class DetectorModule(L.LightningModule):
         scheduler_interval: str = "epoch",
         channels_last: bool = False,
         compile: bool = False,
+        input: str = "resize",
+        max_tiles: int = DEFAULT_MAX_TILES,
+        aggregate: str = "mean",
         **net: Any,
     ) -> None:
-        """``net``: the network's own settings (:data:`NET_SETTINGS`: ``backbone``,
+        """One piece: ``net``: the network's own settings (:data:`NET_SETTINGS`: ``backbone``,
         ``pretrained``, ``se_reduction``, ``dropout``, ...), by keyword, handed to
-        :class:`SEClassifier` as they are and saved as hyper-parameters beside the module's."""
+        :class:`SEClassifier` as they are and saved as hyper-parameters beside the module's.
+
+        ``input``, ``image_size``, ``max_tiles`` and ``aggregate`` are the preprocessing contract
+        (:mod:`detector.data.contract`) every consumer of the checkpoint follows: a batch of
+        tiles (a ``crop`` model's validation and test batches) comes with the number of tiles of
+        each image, and the image's logit is ``aggregate`` of its tiles'."""
         super().__init__()
         unknown = sorted(set(net) - set(NET_SETTINGS))
         if unknown:
@@ -108,6 +118,7 @@ class DetectorModule(L.LightningModule):
                 f"{', '.join(NET_SETTINGS)})"
             )
         _check_settings(positive_class, threshold, threshold_rule, target_fpr, label_smoothing)
+        check_input(input, image_size, max_tiles, aggregate, "model.")
         net = {**NET_DEFAULTS, **net}  # every setting in the checkpoint, defaults included
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.hparams["class_names"] = list(class_names)
@@ -129,6 +140,7 @@ class DetectorModule(L.LightningModule):
         self.test_probs: list[torch.Tensor] = []
         self.test_targets: list[torch.Tensor] = []
         self.test_ood: list[torch.Tensor] = []
+        self.test_tiles: list[torch.Tensor] = []  # tiles scored per image (1: resize models)
         # What the detector knows (detector.evaluation.ood), fitted after training; saved in
         # checkpoints beside the threshold.
         self.ood: OODModel | None = None
@@ -164,15 +176,17 @@ class DetectorModule(L.LightningModule):
     def _step(
         self, batch, metrics: MetricCollection, stage: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        images, targets = batch
+        images, targets, *counts = batch  # counts: tiles per image, for a batch of tiles
         x = self.prepare(images)
         if stage == "test" and self.ood is not None:  # one pass for the logit and the features
             embedding = self.net.embed(x)
             logits = embedding.logits
-            self.test_ood.append(self.ood.score_batch(x, embedding))
+            self.test_ood.append(self.ood.score_batch(x, embedding, *counts))
         else:
             logits = self(x)
         logits = logits.float()
+        if counts:
+            logits = aggregate_logits(logits, counts[0], self.hparams.aggregate)
         soft = targets.float()
         if stage == "train" and self.hparams.label_smoothing:
             # Targets eps/2 and 1 - eps/2: a bounded logit instead of ever-growing confidence
@@ -278,11 +292,14 @@ class DetectorModule(L.LightningModule):
         _, probs = self._step(batch, self.test_metrics, "test")
         self.test_probs.append(probs.detach().cpu())
         self.test_targets.append(batch[1].detach().cpu())
+        tiles = batch[2] if len(batch) > 2 else torch.ones(len(probs), dtype=torch.long)
+        self.test_tiles.append(tiles.detach().cpu())
 
     def on_test_epoch_start(self) -> None:
         self.test_probs.clear()
         self.test_targets.clear()
         self.test_ood.clear()
+        self.test_tiles.clear()
         # The logged test metrics decide at the model's threshold, as the report does.
         positive_threshold = (
             self.threshold if self.hparams.positive_class == 1 else 1 - self.threshold

@@ -24,13 +24,13 @@ from torch.utils.data import (
 
 from detector.data.augment import RandomBlurJPEG, random_shift
 from detector.data.cache import make_dataset
-from detector.data.datasets import ShardSampler
+from detector.data.contract import check_input
+from detector.data.datasets import CropDataset, ShardSampler
 from detector.data.decode import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIZE,
     IMAGE_EXTENSIONS,
 )
-from detector.data.demo import STAMP_NAME, ensure_demo
 from detector.data.folders import find_classes, split_indices
 from detector.data.scan import (
     ScanResult,
@@ -38,6 +38,7 @@ from detector.data.scan import (
     scan_folder,
     write_report,
 )
+from detector.data.tiles import DEFAULT_MAX_TILES
 from detector.errors import ConfigError, DataError
 from detector.files import display
 
@@ -102,11 +103,23 @@ class ImageFolderDataModule(L.LightningDataModule):
         decode_size: int | None = None,
         cache: bool = False,
         cache_dir: str | None = None,
+        input: str = "resize",
+        max_tiles: int = DEFAULT_MAX_TILES,
     ) -> None:
+        """One piece: ``input``: ``resize`` (images to ``image_size``) or ``crop`` (native
+        random crops for training, tiles for validation and test: detector.data.contract)."""
         super().__init__()
         _check_settings(
             image_size, batch_size, num_workers, max_pixels, min_size, decode_size, shift
         )
+        check_input(input, image_size, max_tiles, "mean", "data.")
+        if input == "crop" and (cache or decode_size):
+            raise ConfigError(
+                "data.cache and data.decode_size resize images before the model sees them; "
+                "data.input=crop never resizes: drop them (or use data.input=resize)"
+            )
+        self.input = input
+        self.max_tiles = max_tiles
         self.train_dir = Path(train_dir) if train_dir else (Path(root) / "train" if root else None)
         self.root = Path(root) if root else None
         self._test_dir = Path(test_dir) if test_dir else None
@@ -273,7 +286,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             samples = [(p, i) for i, name in enumerate(self.classes) for p in result.good[name]]
             train_idx, val_idx = split_indices(len(samples), self.val_fraction, self.seed)
             self.train_set = self._dataset(
-                [samples[i] for i in train_idx], self.train_dir, self.hflip, self.train_transform
+                [samples[i] for i in train_idx],
+                self.train_dir,
+                self.hflip,
+                self.train_transform,
+                train=True,
             )
             self.val_set = self._dataset([samples[i] for i in val_idx], self.train_dir)
         if stage in ("test", None) and self.test_set is None and self.test_dir is not None:
@@ -284,8 +301,19 @@ class ImageFolderDataModule(L.LightningDataModule):
             samples = [(p, i) for i, name in enumerate(classes) for p in result.good[name]]
             self.test_set = self._dataset(samples, self.test_dir)
 
-    def _dataset(self, samples, folder: Path, hflip: bool = False, transform=None) -> Dataset:
-
+    def _dataset(
+        self, samples, folder: Path, hflip: bool = False, transform=None, train: bool = False
+    ) -> Dataset:
+        if self.input == "crop":
+            return CropDataset(
+                samples,
+                self.image_size,
+                train=train,
+                max_tiles=self.max_tiles,
+                hflip=hflip,
+                transform=transform,
+                max_pixels=self.max_pixels,
+            )
         return make_dataset(
             samples,
             self.decode_size,
@@ -370,25 +398,3 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.test_set is None:
             raise DataError("no test folder: set data.root (with a test/ folder) or data.test_dir")
         return self._eval_loader(self.test_set, f"test folder {self.test_dir}")
-
-
-class DemoDataModule(ImageFolderDataModule):
-    """The embedded demo set: made into ``root`` on first use (once per node, by local rank 0).
-
-    ``python train.py data.root=DIR`` keeps the demo group but points at a user's folder: a
-    folder that already holds ``train/`` and was not made by the generator is used as it is.
-    """
-
-    def __init__(self, root: str, demo_seed: int = 0, **kwargs) -> None:
-        super().__init__(root=root, **kwargs)
-        self.demo_seed = demo_seed
-
-    makes_root = True
-
-    def prepare_data(self) -> None:
-
-        if (self.root / "train").is_dir() and not (self.root / STAMP_NAME).exists():
-            log.info("%s is not a demo folder: using it as it is", self.root)
-        else:
-            ensure_demo(self.root, seed=self.demo_seed)
-        super().prepare_data()

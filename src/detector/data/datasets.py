@@ -24,6 +24,7 @@ from torch.utils.data import (
     default_collate,
     get_worker_info,
 )
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from detector.data.decode import (
     DEFAULT_MAX_PIXELS,
@@ -33,6 +34,7 @@ from detector.data.decode import (
     pil_to_input,
     to_rgb,
 )
+from detector.data.tiles import cut_tiles, random_crop
 from detector.errors import DataError
 from detector.files import describe_error, display
 
@@ -198,3 +200,44 @@ class BatchedImageDataset(ImageDataset):
         if self.hflip:
             flip_some(batch, torch.tensor(flippable))
         return Batch(batch, torch.tensor(labels, dtype=torch.long))
+
+
+def collate_tiles(items: Sequence[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+    """Images as their tiles, one after another: [tiles (T, 3, S, S), labels (N,), counts (N,)]."""
+    tiles = [x for x, _ in items]
+    labels = torch.tensor([y for _, y in items], dtype=torch.long)
+    return [torch.cat(tiles), labels, torch.tensor([len(x) for x in tiles], dtype=torch.long)]
+
+
+class CropDataset(ImageDataset):
+    """A ``crop`` model's images (``data.input=crop``), never resized.
+
+    Training (``train=True``): one random ``size`` x ``size`` crop of each image, mirrored
+    with ``hflip``; augmentation (``transform``) acts on the whole image first. Otherwise each
+    item is all of the image's tiles (:func:`detector.data.tiles.cut_tiles`), batched by
+    :func:`collate_tiles`: what eval, predict and the API score.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        size: int,
+        *,
+        train: bool,
+        max_tiles: int,
+        hflip: bool = False,
+        transform: Callable[[Image.Image], Image.Image] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        super().__init__(samples, size, hflip, transform, max_pixels)
+        self.train = train
+        self.max_tiles = max_tiles
+        self.collate_fn = default_collate if train else collate_tiles
+
+    def _read(self, path: str) -> torch.Tensor:
+        with open_image(path, self.max_pixels) as img:
+            img = to_rgb(img)
+            image = pil_to_tensor(self.transform(img) if self.transform else img)
+        if self.train:
+            return random_crop(image, self.size).contiguous()
+        return cut_tiles(image, self.size, self.max_tiles)

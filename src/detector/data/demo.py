@@ -39,6 +39,7 @@ from detector.data.synthesis import (
     TRAIN_STEPS,
     generate_fakes,
     load_sources,
+    native_crops,
     random_crops,
     train_generator,
 )
@@ -53,6 +54,7 @@ JPEG_QUALITY: int = 75
 DEFAULT_TRAIN_PER_CLASS: int = 2000
 DEFAULT_TEST_PER_CLASS: int = 500
 STAMP_NAME: str = ".demo.json"
+MAX_HR_SIZE: int = 400  # the smallest photographs drawn are 400 px on their short side
 
 
 _GENERATOR_NAME = "detector.demo"  # stamp marker; not __name__, which is __main__ in the CLI
@@ -93,14 +95,16 @@ def read_stamp(out: str | Path) -> dict[str, Any] | None:
     return stamp
 
 
-def _wanted_stamp(seed: int, train_per_class: int, test_per_class: int) -> dict[str, Any]:
+def _wanted_stamp(
+    seed: int, train_per_class: int, test_per_class: int, image_size: int = IMAGE_SIZE
+) -> dict[str, Any]:
     return {
         "generator": _GENERATOR_NAME,
         "version": GENERATOR_VERSION,
         "seed": seed,
         "counts": {"train": train_per_class, "test": test_per_class},
         "classes": list(CLASSES),
-        "image_size": IMAGE_SIZE,
+        "image_size": image_size,
         "jpeg_quality": JPEG_QUALITY,
     }
 
@@ -176,17 +180,37 @@ def _pinned_torch(seed: int) -> Iterator[torch.Generator]:
         torch.set_num_threads(threads)
 
 
-def _build(tmp: Path, seed: int, train_per_class: int, test_per_class: int, progress: bool) -> None:
+def _crops(sources: list[Image.Image], n: int, image_size: int, rng: np.random.Generator):
+    """32 px: CIFAKE-like thumbnails at many scales; larger: the photographs' own pixels (the
+    high-resolution demo, for crop models: no resizing anywhere, in either class)."""
+    if image_size == IMAGE_SIZE:
+        return random_crops(sources, n, rng)
+    return native_crops(sources, n, image_size, rng)
+
+
+def _build(
+    tmp: Path,
+    seed: int,
+    train_per_class: int,
+    test_per_class: int,
+    progress: bool,
+    image_size: int = IMAGE_SIZE,
+) -> None:
+    """One piece: crops, the generator trained on 32 px crops (native ones for the
+    high-resolution set; it is fully convolutional, so it decodes any size), then the files."""
     per_class = train_per_class + test_per_class
     rng = np.random.default_rng(seed)
     with _Stages(progress) as stages, _pinned_torch(seed) as gen:
         with stages.stage("crops", 3) as tick:
             sources = [Image.fromarray(img) for img in load_sources()]
             tick()
-            gen_crops = random_crops(sources, GEN_TRAIN_CROPS, rng)
-            real = random_crops(sources, per_class, rng)
+            if image_size == IMAGE_SIZE:
+                gen_crops = random_crops(sources, GEN_TRAIN_CROPS, rng)
+            else:
+                gen_crops = native_crops(sources, GEN_TRAIN_CROPS, IMAGE_SIZE, rng)
+            real = _crops(sources, per_class, image_size, rng)
             tick()
-            fake_src = random_crops(sources, per_class, rng)
+            fake_src = _crops(sources, per_class, image_size, rng)
             tick()
         with stages.stage("training generator", TRAIN_STEPS) as tick:
             model = train_generator(gen_crops, TRAIN_STEPS, gen, tick)
@@ -203,7 +227,7 @@ def _build(tmp: Path, seed: int, train_per_class: int, test_per_class: int, prog
                         save_jpeg(arrs[i], folder / f"{i - lo:05d}.jpg")
                         tick()
     # Written last: a folder without a stamp is never mistaken for a complete demo set.
-    stamp = _wanted_stamp(seed, train_per_class, test_per_class)
+    stamp = _wanted_stamp(seed, train_per_class, test_per_class, image_size)
     (tmp / STAMP_NAME).write_text(json.dumps(stamp, indent=2) + "\n")
 
 
@@ -261,8 +285,12 @@ def make_demo(
     *,
     train_per_class: int = DEFAULT_TRAIN_PER_CLASS,
     test_per_class: int = DEFAULT_TEST_PER_CLASS,
+    image_size: int = IMAGE_SIZE,
 ) -> Path:
     """(Re)build the demo set at `out`, replacing only a folder that is itself a demo set.
+
+    ``image_size`` 32: the CIFAKE-shaped set; larger (e.g. 256): the high-resolution set, REAL
+    native crops of the photographs and FAKE decoded at that size.
 
     The set is built in a hidden sibling folder and moved into place when complete, so an
     interrupted build never leaves a half-written folder that looks usable. A non-empty `out`
@@ -271,13 +299,15 @@ def make_demo(
     out = Path(out).expanduser().absolute()
     if train_per_class < 1 or test_per_class < 1:
         raise ValueError("train_per_class and test_per_class must be >= 1")
+    if image_size != IMAGE_SIZE and not 64 <= image_size <= MAX_HR_SIZE:
+        raise ValueError(f"image_size={image_size}: 32, or 64 to {MAX_HR_SIZE} (native crops)")
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     old: Path | None = None
     try:
-        _build(tmp, seed, train_per_class, test_per_class, progress)
+        _build(tmp, seed, train_per_class, test_per_class, progress, image_size)
         if out.exists():
             _check_replaceable(out)  # again: someone may have put data there meanwhile
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -298,6 +328,7 @@ def ensure_demo(
     *,
     train_per_class: int = DEFAULT_TRAIN_PER_CLASS,
     test_per_class: int = DEFAULT_TEST_PER_CLASS,
+    image_size: int = IMAGE_SIZE,
 ) -> Path:
     """Return `out`, building it only when missing or stamped by another version, seed or size.
 
@@ -305,7 +336,7 @@ def ensure_demo(
     every start. Rank gating in distributed runs is the caller's job.
     """
     out = Path(out).expanduser().absolute()
-    wanted = _wanted_stamp(seed, train_per_class, test_per_class)
+    wanted = _wanted_stamp(seed, train_per_class, test_per_class, image_size)
     if _is_current(read_stamp(out), wanted):
         return out
     return make_demo(
@@ -314,6 +345,7 @@ def ensure_demo(
         progress,
         train_per_class=train_per_class,
         test_per_class=test_per_class,
+        image_size=image_size,
     )
 
 
@@ -326,6 +358,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     parser.add_argument("--train-per-class", type=int, default=DEFAULT_TRAIN_PER_CLASS)
     parser.add_argument("--test-per-class", type=int, default=DEFAULT_TEST_PER_CLASS)
+    parser.add_argument(
+        "--image-size", type=int, default=IMAGE_SIZE, help="32, or 64-1024 for native crops"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -335,12 +370,13 @@ def main(argv: list[str] | None = None) -> None:
         not args.quiet,
         train_per_class=args.train_per_class,
         test_per_class=args.test_per_class,
+        image_size=args.image_size,
     )
     print(
         f"demo set v{GENERATOR_VERSION} (seed {args.seed}) written to {out} in "
         f"{time.perf_counter() - start:.1f}s: train {args.train_per_class} + test "
         f"{args.test_per_class} images per class ({', '.join(CLASSES)}), "
-        f"{IMAGE_SIZE}x{IMAGE_SIZE} JPEG q{JPEG_QUALITY}"
+        f"{args.image_size}x{args.image_size} JPEG q{JPEG_QUALITY}"
     )
 
 

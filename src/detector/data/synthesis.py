@@ -192,3 +192,31 @@ def random_crops(images: list[Image.Image], n: int, rng: np.random.Generator) ->
 
 
 IMAGE_SIZE: int = 32
+
+
+def native_crops(
+    images: list[Image.Image], n: int, side: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Square ``side`` x ``side`` crops at random positions, never resized: the photographs' own
+    pixels, for the high-resolution demo (sources smaller than ``side`` are not drawn)."""
+    weights = np.array(
+        [
+            w if min(img.size) >= side else 0.0
+            for (_, w, _), img in zip(SOURCES, images, strict=True)
+        ]
+    )
+    weights /= weights.sum()
+    arrays = [np.asarray(img) for img in images]
+    out = np.empty((n, side, side, 3), dtype=np.uint8)
+    i = 0
+    while i < n:
+        arr = arrays[rng.choice(len(arrays), p=weights)]
+        h, w = arr.shape[:2]
+        y = int(rng.integers(0, h - side + 1))
+        x = int(rng.integers(0, w - side + 1))
+        crop = arr[y : y + side, x : x + side]
+        if crop.std() < _MIN_CROP_STD:
+            continue
+        out[i] = crop[:, ::-1] if rng.random() < 0.5 else crop
+        i += 1
+    return out

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from detector.data.tiles import segment_mean
 from detector.distributed import gather_rows
 from detector.errors import ConfigError
 from detector.evaluation.metrics import ranking_metrics, threshold_metrics
@@ -127,10 +128,13 @@ class OODModel:
         scaled = [self.models[k].distance(parts[k]) / self.scales[k] for k in COMPONENTS]
         return torch.stack(scaled).mean(0).float()
 
-    def score_batch(self, images: torch.Tensor, embedding) -> torch.Tensor:
+    def score_batch(
+        self, images: torch.Tensor, embedding, counts: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The score of a batch at the model's input size and its
-        :meth:`SEClassifier.embed` (the same call gives the probability)."""
-        return self.score(components(images, embedding, self.feature))
+        :meth:`SEClassifier.embed` (the same call gives the probability); ``counts``: the
+        number of tiles of each image, for a batch of tiles (a crop model)."""
+        return self.score(components(images, embedding, self.feature, counts))
 
     def in_domain(self, scores: torch.Tensor) -> torch.Tensor:
         return scores <= self.threshold
@@ -172,13 +176,19 @@ class OODModel:
         )
 
 
-def components(images: torch.Tensor, embedding, feature: str) -> dict[str, torch.Tensor]:
-    """What each component reads, from a batch and its embedding."""
-    return {
+def components(
+    images: torch.Tensor, embedding, feature: str, counts: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """What each component reads, from a batch and its embedding; for a batch of tiles
+    (``counts`` tiles per image) each image's mean over its tiles."""
+    parts = {
         "features": embedding.hidden if feature == "hidden" else embedding.pooled,
         "stages": embedding.stages,
         "pixels": pixel_statistics(images),
     }
+    if counts is None:
+        return parts
+    return {k: segment_mean(v.float(), counts) for k, v in parts.items()}
 
 
 def check_ood_settings(feature: str, quantile: float) -> None:
@@ -221,9 +231,9 @@ def collect_features(
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in COMPONENTS}
     labels = []
     with torch.inference_mode():
-        for images, targets in batches:
+        for images, targets, *counts in batches:  # counts: tiles per image (crop models)
             x = prepare(images)
-            for k, v in components(x, embed(x), feature).items():
+            for k, v in components(x, embed(x), feature, *counts).items():
                 parts[k].append(v.float().cpu())
             labels.append(targets.cpu())
     return {k: torch.cat(v) for k, v in parts.items()}, torch.cat(labels)

@@ -61,6 +61,7 @@ def write_test_report(
     probs, targets = _gather_predictions(model, trainer)
     # The same on every rank (the checkpoint's), so every rank gathers or none does.
     ood = gather_rows(trainer, torch.cat(model.test_ood)) if model.ood is not None else None
+    tiles = gather_rows(trainer, torch.cat(model.test_tiles)) if model.test_tiles else None
     settings = settings or report_settings()
     report = _build_report(model, trainer, probs, targets, settings)
     if ood is not None and len(ood) == len(probs):
@@ -80,6 +81,8 @@ def write_test_report(
             "in_domain": [bool(b) for b in model.ood.in_domain(ood)],
         }
     )
+    if tiles is not None and len(tiles) == len(probs):
+        columns["n_tiles"] = tiles.tolist()
     samples = _write_files(report, output_dir, trainer, model, samples, probs, targets, columns)
     skip: tuple[str, ...] = ()
     if writers is None:

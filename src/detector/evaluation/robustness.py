@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from detector.api import Detector
 from detector.data.augment import DEGRADATIONS, Degradation, check_strength
 from detector.data.datamodule import ImageFolderDataModule
-from detector.data.datasets import ImageDataset
+from detector.data.datasets import CropDataset, ImageDataset
 from detector.errors import ConfigError
 from detector.evaluation.metrics import ranking_metrics, threshold_metrics
 from detector.evaluation.plots import (
@@ -36,7 +36,8 @@ def score_loader(trainer: L.Trainer, model: DetectorModule, loader: DataLoader) 
     the sweep makes a dozen calls per test set."""
     detector = Detector(model, device=trainer.strategy.root_device)
     with trainer.precision_plugin.forward_context():
-        out = [detector.score(images) for images, _ in loader]
+        # A crop model's batches are tiles with the tile count of each image (collate_tiles).
+        out = [detector.score(images, *counts) for images, _, *counts in loader]
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -68,7 +69,7 @@ def run_robustness(
     output_dir: Path,
     writers: list,
 ) -> list[dict]:
-    """Re-evaluate every test set under each degradation of ``spec`` (same images, same
+    """One piece: Re-evaluate every test set under each degradation of ``spec`` (same images, same
     threshold, both classes degraded alike): a table and a figure in the run folder."""
     kinds = list(spec)
     names = list(model.hparams.class_names)
@@ -80,11 +81,23 @@ def run_robustness(
         rows.append(_robustness_row(set_name, "none", 0, base, names))
         for kind in kinds:
             for strength in spec[kind]:
-                dataset = ImageDataset(
-                    samples, datamodule.image_size, transform=Degradation(kind, strength)
+                degrade = Degradation(kind, strength)
+                dataset = (
+                    CropDataset(
+                        samples,
+                        datamodule.image_size,
+                        train=False,
+                        max_tiles=datamodule.max_tiles,
+                        transform=degrade,
+                    )
+                    if datamodule.input == "crop"
+                    else ImageDataset(samples, datamodule.image_size, transform=degrade)
                 )
                 loader = DataLoader(
-                    dataset, batch_size=datamodule.batch_size, num_workers=datamodule.num_workers
+                    dataset,
+                    batch_size=datamodule.batch_size,
+                    num_workers=datamodule.num_workers,
+                    collate_fn=getattr(dataset, "collate_fn", None),
                 )
                 probs = score_loader(trainer, model, loader)
                 targets = torch.tensor([y for _, y in samples[: len(probs)]])

@@ -13,6 +13,7 @@ from detector.checkpoint import (
     load_checkpoint,
 )
 from detector.config import report_settings
+from detector.data.contract import Preprocessing
 from detector.data.datamodule import ImageFolderDataModule
 from detector.errors import ConfigError
 from detector.evaluation.plots import tensorboard_writers
@@ -37,8 +38,17 @@ def data_config(cfg: DictConfig, model: DetectorModule) -> tuple[dict, object]:
     spec = data_cfg.pop("test_dirs", None)
     if data_cfg.get("root") == "???":
         data_cfg["root"] = None
-    if data_cfg.get("image_size") is None:
-        data_cfg["image_size"] = int(model.hparams.image_size)
+    contract = Preprocessing.from_hparams(model.hparams)
+    given = data_cfg.get("input")
+    if given is not None and given != contract.input:
+        raise ConfigError(
+            f"data.input={given} but the checkpoint was trained with data.input={contract.input}: "
+            "eval follows the checkpoint's preprocessing; drop the setting"
+        )
+    data_cfg["input"] = contract.input
+    for key in ("image_size", "max_tiles"):
+        if data_cfg.get(key) is None:
+            data_cfg[key] = getattr(contract, key)
     return data_cfg, spec
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import matplotlib
 
 from detector.data.decode import load_image
+from detector.evaluation.tile_map import explain_file
 from detector.files import describe_error
 from detector.tasks.inputs import (
     image_paths,
@@ -331,7 +332,17 @@ def _explain_chunk(detector, stack, ok, out_dir: Path, target, cfg) -> dict[int,
 
 def _explained_rows(detector, paths, out_dir: Path, target, cfg, errors) -> Iterator[dict]:
     """One batch's rows (by input index) at a time, so the table grows while the maps are
-    drawn; a file that does not decode gets an error row (and a place in ``errors``)."""
+    drawn; a file that does not decode gets an error row (and a place in ``errors``). A crop
+    model gets its per-tile score map instead (:mod:`detector.evaluation.tile_map`)."""
+    if detector.preprocessing.input == "crop":  # one figure of tile scores per image
+        for i, path in enumerate(paths):
+            try:
+                png = out_dir / f"{i:04d}_{_safe_stem(path)}_tiles.png"
+                yield {i: explain_file(detector, path, png, int(cfg.dpi))}
+            except Exception as e:  # reported per row, the other images still run
+                errors.append((path, describe_error(e)))
+                yield {i: {"path": path, "error": describe_error(e)}}
+        return
     batch = int(cfg.batch_size)
     for start in range(0, len(paths), batch):
         ok, images, rows = [], [], {}
@@ -369,7 +380,8 @@ def explain(cfg: DictConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     table = out_dir / "explanations.csv"
     columns = ["path", "figure", f"prob_{names[0]}", f"prob_{names[1]}", "label"]
-    columns += ["explained", "gradcam_layer", "ig_delta", "error"]
+    columns += ["explained", "gradcam_layer", "ig_delta", "n_tiles", "tile_min", "tile_max"]
+    columns += ["error"]
     errors: list[tuple[str, str]] = []
     rows = _explained_rows(detector, paths, out_dir, target, cfg, errors)
     write_rows(table, "csv", columns, rows, "explain", cfg.get("progress"), len(paths))

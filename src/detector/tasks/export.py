@@ -45,6 +45,25 @@ class ExportWrapper(nn.Module):
         return logit, torch.sigmoid(logit)
 
 
+def _geometry(detector: Detector) -> dict:
+    """How an image becomes the model's input, by the checkpoint's preprocessing contract."""
+    pre = detector.preprocessing
+    s = pre.image_size
+    if pre.input == "resize":
+        return {
+            "resize": f"bilinear (PIL Image.BILINEAR) to {s}x{s}, only when the image is not "
+            f"already {s}x{s}; no crop, no padding"
+        }
+    return {
+        "resize": "never: the image's own pixels",
+        "tiles": f"{s}x{s} tiles as rows of the batch; a side shorter than {s} is first padded "
+        f"to {s} by mirroring (numpy 'symmetric'); a grid covering the image when "
+        f"ceil(H/{s})*ceil(W/{s}) <= {pre.max_tiles}, else at most {pre.max_tiles} tiles spread "
+        "evenly edge to edge (docs/use.md, 'Tiles with onnxruntime')",
+        "aggregate": f"{pre.aggregate} of the tiles' logits, then sigmoid: the image's probability",
+    }
+
+
 def contract(detector: Detector, fmt: str, file: Path, checkpoint: str | Path) -> dict:
     """Everything a consumer needs to reproduce eval's numbers without this repository."""
     net = detector.net
@@ -67,14 +86,14 @@ def contract(detector: Detector, fmt: str, file: Path, checkpoint: str | Path) -
             "layout": "NCHW",
             "channels": "RGB",
             "range": "[0, 1]: uint8 pixel values divided by 255",
-            "resize": f"bilinear (PIL Image.BILINEAR) to {s}x{s}, only when the image is not "
-            f"already {s}x{s}; no crop, no padding",
+            **_geometry(detector),
             "normalization": "inside the model: (x - mean) / std; do NOT normalise again",
         },
         "outputs": {
             OUTPUT_NAMES[0]: {"shape": ["batch"], "meaning": f"logit of P({names[1]})"},
             OUTPUT_NAMES[1]: {"shape": ["batch"], "meaning": f"P({names[1]}) = sigmoid(logit)"},
         },
+        "preprocessing": detector.preprocessing.as_dict(),
         "decision": f"{names[1]} if probability >= threshold else {names[0]}",
         "torch": torch.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -147,8 +147,15 @@ def image_paths(cfg: DictConfig, hint: str = "") -> list[str]:
 
 
 def load_detector(cfg: DictConfig) -> Detector:
-    """Both tasks read the model alike, so ``threshold=null`` keeps the checkpoint's own."""
-    return Detector.from_checkpoint(cfg.ckpt, device=cfg.device, threshold=cfg.threshold)
+    """Both tasks read the model alike, so ``threshold=null`` keeps the checkpoint's own (and
+    ``max_tiles`` / ``aggregate``, where a task has them, the checkpoint's contract)."""
+    return Detector.from_checkpoint(
+        cfg.ckpt,
+        device=cfg.device,
+        threshold=cfg.threshold,
+        max_tiles=cfg.get("max_tiles"),
+        aggregate=cfg.get("aggregate"),
+    )
 
 
 class RowWriter:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 
-import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from detector.api import Detector
-from detector.data.decode import IMAGE_EXTENSIONS, load_image
+from detector.data.contract import Prepared, Preprocessing, resize_summary
+from detector.data.decode import IMAGE_EXTENSIONS
 from detector.errors import ConfigError
 from detector.evaluation.ood import NO_OOD_MODEL
 from detector.files import describe_error
@@ -27,28 +27,31 @@ from detector.tasks.inputs import (
 
 log = logging.getLogger(__name__)
 
+# Per-image result columns after the probabilities (the service's JSON carries the same names).
+RESULT_COLUMNS = ("label", "ood_score", "in_domain", "n_tiles", "resized_from")
+
 
 class _Files(Dataset):
-    """Decodes in loader workers; a file that fails becomes an error string, not an exception."""
+    """Decodes in loader workers by the checkpoint's preprocessing contract; a file that fails
+    becomes an error string, not an exception."""
 
-    def __init__(self, paths: Sequence[str], image_size: int) -> None:
+    def __init__(self, paths: Sequence[str], contract: Preprocessing) -> None:
         self.paths = paths
-        self.image_size = image_size
+        self.contract = contract
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+    def __getitem__(self, i: int) -> tuple[int, Prepared | None, str]:
         try:
-            return i, load_image(self.paths[i], self.image_size), ""
+            return i, self.contract.prepare_file(self.paths[i]), ""
         except Exception as e:  # any decoder failure is the file's problem, reported per row
             return i, None, describe_error(e)
 
 
 def _collate(items):
     ok = [(i, x) for i, x, _ in items if x is not None]
-    images = torch.stack([x for _, x in ok]) if ok else None
-    return [i for i, _ in ok], images, [(i, err) for i, x, err in items if x is None]
+    return [i for i, _ in ok], [x for _, x in ok], [(i, err) for i, x, err in items if x is None]
 
 
 def _scored_rows(
@@ -57,30 +60,36 @@ def _scored_rows(
     paths: Sequence[str],
     counts: dict[str, int],
     errors: list[tuple[str, str]],
+    resized: list[tuple[int, int]],
 ) -> Iterator[dict[int, dict]]:
-    """One batch's rows at a time, so the table grows while the model runs; ``counts`` and
-    ``errors`` fill up on the way for the summary."""
+    """One batch's rows at a time, so the table grows while the model runs; ``counts``,
+    ``errors`` and ``resized`` (sizes of the images a resize model squashed) fill up on the way
+    for the summary."""
     prob_cols = [f"prob_{n}" for n in detector.class_names]
-    for indices, images, failed in loader:
+    for indices, items, failed in loader:
         rows: dict[int, dict] = {}
-        if images is not None:
-            probs, ood = detector.score_with_ood(images)
+        if items:
+            probs, ood = detector.score_prepared(items)
             ood_list = ood.tolist() if ood is not None else [None] * len(probs)
-            for i, p1, s in zip(indices, probs.tolist(), ood_list, strict=True):
-                pred = detector.decide(p1, s)
+            for i, p1, s, item in zip(indices, probs.tolist(), ood_list, items, strict=True):
+                pred = detector.decide(p1, s, item.n_tiles, item.resized_from)
                 counts[pred.label] += 1
                 counts["flagged"] += pred.in_domain is False
+                if item.resized_from:
+                    resized.append(item.size)
                 rows[i] = {
                     prob_cols[0]: round(1.0 - p1, 7),
                     prob_cols[1]: round(p1, 7),
                     "label": pred.label,
                     "ood_score": None if s is None else float(f"{s:.7g}"),
                     "in_domain": pred.in_domain,
+                    "n_tiles": item.n_tiles,
+                    "resized_from": item.resized_from,
                     "error": None,
                 }
         for i, err in failed:
             errors.append((paths[i], err))
-            empty = dict.fromkeys([*prob_cols, "label", "ood_score", "in_domain"])
+            empty = dict.fromkeys([*prob_cols, *RESULT_COLUMNS])
             rows[i] = {**empty, "error": err}
         common = {"threshold": detector.threshold, "model_id": detector.model_id}
         yield {i: {"path": paths[i], **common, **row} for i, row in rows.items()}
@@ -104,17 +113,18 @@ def predict(cfg: DictConfig) -> dict:
     paths = image_paths(cfg, f" ({', '.join(IMAGE_EXTENSIONS)})")
     detector = load_detector(cfg)
     names = detector.class_names
-    columns = ["path", *(f"prob_{n}" for n in names), "label", "ood_score", "in_domain"]
+    columns = ["path", *(f"prob_{n}" for n in names), *RESULT_COLUMNS]
     columns += ["threshold", "model_id", "error"]
     loader = DataLoader(
-        _Files(paths, detector.image_size),
+        _Files(paths, detector.preprocessing),
         batch_size=batch_size,
         num_workers=int(cfg.num_workers),
         collate_fn=_collate,
     )
     counts = dict.fromkeys([*names, "flagged"], 0)
     errors: list[tuple[str, str]] = []
-    rows = _scored_rows(detector, loader, paths, counts, errors)
+    resized: list[tuple[int, int]] = []
+    rows = _scored_rows(detector, loader, paths, counts, errors, resized)
     write_rows(out, fmt, columns, rows, "predict", cfg.get("progress"), len(paths))
 
     scored = len(paths) - len(errors)
@@ -131,6 +141,9 @@ def predict(cfg: DictConfig) -> dict:
         f"Scored {scored} of {len(paths)} images ({summary}; {len(errors)} unreadable) with "
         f"model {detector.model_id}, threshold {detector.threshold:.4f}\nPredictions: {out}"
     )
+    squashed = resize_summary(resized, scored, detector.image_size)
+    if squashed:
+        print(squashed)
     if detector.ood is None:
         print(f"Out of domain: {NO_OOD_MODEL}")
     else:
@@ -147,4 +160,5 @@ def predict(cfg: DictConfig) -> dict:
         "model_id": detector.model_id,
         "threshold": detector.threshold,
         "flagged": flagged if detector.ood is not None else None,
+        "resized": len(resized),
     }
