@@ -187,6 +187,9 @@ BAD = {
     ),
     "other field": (*_multipart_case([("a.jpg", _jpeg())], "image"), 400, "'image' is not"),
     "no API key": (_jpeg(), "image/jpeg", 401, "missing or wrong API key"),
+    # a path or URL is text to the service, never something it opens or fetches
+    "a path": (b"/etc/hostname", "application/octet-stream", 422, "a text file, not an image"),
+    "a URL": (b"http://127.0.0.1/x.jpg", "image/jpeg", 422, "a text file, not an image"),
 }
 
 
@@ -233,6 +236,35 @@ def test_upload_over_the_cap_refused_before_it_is_read(service):
     sock.close()
     assert status == 413
     assert b"upload of 2.0 MB is over max_upload_mb=1" in body
+
+
+def test_chunked_upload_over_the_cap_stops_at_the_cap(service):
+    sock = _raw(
+        service.port,
+        _post_head(0).replace(b"Content-Length: 0", b"Transfer-Encoding: chunked"),
+        b"",
+    )
+    chunk = b"%x\r\n" % 2**16 + b"\xff" * 2**16 + b"\r\n"
+    sent = 0
+    try:
+        while sent < 4 * 2**20:  # 4 MB offered, the cap is 1 MB
+            sock.sendall(chunk)
+            sent += 2**16
+    except OSError:  # the service answered and closed: it stopped reading
+        pass
+    status, body = _response(sock)
+    sock.close()
+    assert status == 413
+    assert b"upload is over max_upload_mb=1" in body
+
+
+def test_file_name_is_only_a_name(service, images, expected):
+    """A client's file name that looks like a server path is echoed, not opened."""
+    data = images["REAL_0001.jpg"].read_bytes()
+    status, got = service.predict([("../../etc/passwd", data)])
+    assert status == 200
+    assert got["predictions"][0]["file"] == "../../etc/passwd"
+    _same(got["predictions"][0], expected["REAL_0001.jpg"])
 
 
 def test_slow_client_times_out_and_others_are_served(service, images, expected):
