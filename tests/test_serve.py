@@ -346,6 +346,7 @@ def test_request_log_line(service):
     assert any(" 1 image(s) " in ln and ("REAL" in ln or "FAKE" in ln) for ln in lines)
     assert any("/predict 413" in ln for ln in text.splitlines())
     assert all(len(ln) < 300 for ln in lines)  # no image data in the log
+    assert "POST /predict 200" in (service.log.parent / "serve.log").read_text()  # the run's log
 
 
 @pytest.mark.parametrize(
@@ -373,3 +374,24 @@ def test_bad_checkpoint_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: ckpt={tmp_path / 'missing.ckpt'}: no such file"
     ]
+
+
+@pytest.mark.slow
+def test_small_load_no_errors_memory_flat(service, images):
+    """200 requests from 16 connections (the full 2,000 x 32 run is bench/serve.py)."""
+    import importlib.util  # deferred: the benchmark's client, loaded from bench/ only here
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "serve.py"
+    spec = importlib.util.spec_from_file_location("bench_serve", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    payloads = [
+        multipart([(n, p.read_bytes())])
+        for n, p in images.items()
+        if n.startswith(("FAKE", "REAL"))
+    ]
+    result = bench.load(
+        service.port, service.proc.pid, payloads, 200, 16, headers={"X-API-Key": KEY}
+    )
+    assert result["errors"] == 0, result["first_errors"]
+    assert result["rss_growth"] < 0.10

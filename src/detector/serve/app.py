@@ -155,6 +155,7 @@ def build_server(
     workers: int,
     accelerator: str,
     request_timeout: float,
+    fast_queue: bool = False,
 ) -> ls.LitServer:
     """LitServer with its own ``/`` and ``/info`` replaced by the page and the model card;
     ``/health`` stays LitServe's (200 "ok" once every worker has loaded its model, else 503)."""
@@ -166,6 +167,7 @@ def build_server(
         timeout=request_timeout,
         middlewares=[(ServiceMiddleware, {"limits": limits, "api_key": api_key})],
         disable_openapi_url=True,
+        fast_queue=fast_queue,
     )
     app = server.app
     app.router.routes = [

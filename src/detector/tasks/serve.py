@@ -77,20 +77,19 @@ def _threads(cfg: DictConfig) -> int:
     return max(1, (cores or 1) // int(cfg.workers))
 
 
-def serve(cfg: DictConfig) -> dict:
-    """Blocks until the service is stopped (Ctrl+C, SIGTERM)."""
-    host, accelerator = check_settings(cfg)
-    api_key = cfg.get("api_key") or os.environ.get(KEY_ENV) or None
-    limits = Limits(
+def limits_from(cfg: DictConfig) -> Limits:
+    return Limits(
         max_bytes=int(float(cfg.max_upload_mb) * 2**20),
         max_files=int(cfg.max_files),
         max_pixels=int(cfg.max_pixels),
         min_size=int(cfg.min_size),
         upload_timeout=float(cfg.upload_timeout),
     )
-    contract = {"max_tiles": cfg.get("max_tiles"), "aggregate": cfg.get("aggregate")}
-    detector = Detector.from_checkpoint(cfg.ckpt, "cpu", cfg.get("threshold"), **contract)
-    settings = {
+
+
+def service_card(cfg: DictConfig, limits: Limits, device: str, api_key: str | None) -> dict:
+    """The limits and batching a caller runs into, shown in the model card."""
+    return {
         "max_upload_mb": float(cfg.max_upload_mb),
         "max_files": limits.max_files,
         "max_pixels": limits.max_pixels,
@@ -98,10 +97,19 @@ def serve(cfg: DictConfig) -> dict:
         "max_batch_size": int(cfg.max_batch_size),
         "batch_timeout": float(cfg.batch_timeout),
         "workers": int(cfg.workers),
-        "device": accelerator,
+        "device": device,
         "api_key_required": api_key is not None,
     }
-    card = model_card(detector, cfg.ckpt, settings)
+
+
+def serve(cfg: DictConfig) -> dict:
+    """Blocks until the service is stopped (Ctrl+C, SIGTERM)."""
+    host, accelerator = check_settings(cfg)
+    api_key = cfg.get("api_key") or os.environ.get(KEY_ENV) or None
+    limits = limits_from(cfg)
+    contract = {"max_tiles": cfg.get("max_tiles"), "aggregate": cfg.get("aggregate")}
+    detector = Detector.from_checkpoint(cfg.ckpt, "cpu", cfg.get("threshold"), **contract)
+    card = model_card(detector, cfg.ckpt, service_card(cfg, limits, accelerator, api_key))
     model = ModelSettings(
         ckpt=str(cfg.ckpt),
         device=accelerator,
@@ -114,7 +122,14 @@ def serve(cfg: DictConfig) -> dict:
     del detector
     api = DetectorAPI(model, int(cfg.max_batch_size), float(cfg.batch_timeout))
     server = build_server(
-        api, card, limits, api_key, int(cfg.workers), accelerator, float(cfg.request_timeout)
+        api,
+        card,
+        limits,
+        api_key,
+        int(cfg.workers),
+        accelerator,
+        float(cfg.request_timeout),
+        bool(cfg.fast_queue),
     )
     if host != "127.0.0.1" and api_key is None:
         log.warning("host=%s listens on every interface without an api_key", host)
