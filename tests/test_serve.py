@@ -34,6 +34,7 @@ SETTINGS = [
     "max_files=8",
     "upload_timeout=2",
     "max_batch_size=4",
+    "workers=2",  # two model processes, each loading the checkpoint: both must answer alike
     "batch_timeout=0.01",
     "device=cpu",
 ]
@@ -395,3 +396,26 @@ def test_small_load_no_errors_memory_flat(service, images):
     )
     assert result["errors"] == 0, result["first_errors"]
     assert result["rss_growth"] < 0.10
+
+
+def test_bad_file_does_not_fail_its_batch(trained_run, images, expected):
+    """LitServe fails a whole batch when one request raises: decoding errors are values."""
+    from detector.serve.app import DetectorAPI, ModelSettings  # deferred: LitServe, only here
+
+    settings = ModelSettings(str(trained_run["ckpt"]), "cpu", None, None, None, 10**8, 1)
+    api = DetectorAPI(settings, max_batch_size=4, batch_timeout=0.01)
+    api.setup("cpu")
+
+    def request(name: str, data: bytes) -> dict:
+        return {"images": [{"name": name, "data": base64.b64encode(data).decode()}]}
+
+    good = images["REAL_0000.jpg"].read_bytes()
+    batch = [
+        api.decode_request(request("a.jpg", good)),
+        api.decode_request(request("cut.jpg", good[: len(good) // 2])),
+        api.decode_request(request("b.jpg", images["cmyk.jpg"].read_bytes())),
+    ]
+    out = [api.encode_response(y) for y in api.unbatch(api.predict(api.batch(batch)))]
+    assert out[1]["status"] == 422 and out[1]["error"].startswith("'cut.jpg': truncated")
+    _same(out[0]["predictions"][0], expected["REAL_0000.jpg"])
+    _same(out[2]["predictions"][0], expected["cmyk.jpg"])

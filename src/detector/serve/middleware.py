@@ -103,7 +103,8 @@ class ServiceMiddleware:
             seen["bytes"] = len(body)
             uploads = await parse_uploads(headers, body, self.limits)
         except UploadError as e:
-            await send_json(send, e.status, {"error": e.message})
+            # The rest of a refused body is not read: the connection ends with the answer.
+            await send_json(send, e.status, {"error": e.message}, [(b"connection", b"close")])
             return
         images = [
             {"name": u.name[:NAME_CHARS], "data": base64.b64encode(u.data).decode("ascii")}
