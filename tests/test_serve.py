@@ -419,3 +419,33 @@ def test_bad_file_does_not_fail_its_batch(trained_run, images, expected):
     assert out[1]["status"] == 422 and out[1]["error"].startswith("'cut.jpg': truncated")
     _same(out[0]["predictions"][0], expected["REAL_0000.jpg"])
     _same(out[2]["predictions"][0], expected["cmyk.jpg"])
+
+
+def test_crop_model_tiles_batched_across_requests(tmp_path):
+    """A crop model's tiles from several requests, scored in chunks, equal Detector.predict."""
+    from detector.api import Detector  # deferred: an untrained crop model, only here
+    from detector.module import DetectorModule
+    from detector.serve.app import DetectorAPI, ModelSettings
+
+    module = DetectorModule(image_size=32, input="crop", max_tiles=6, backbone="test_resnet")
+    detector = Detector(module.eval(), device="cpu", model_id="crop")
+    api = DetectorAPI(ModelSettings("-", "cpu", None, None, None, 10**8, 1), 2, 0.01)
+    api.detector = detector  # as setup() would load it
+    rng = np.random.default_rng(1)
+    sizes = [(96, 96), (40, 70), (128, 64)]
+    pngs = [
+        _png(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))) for w, h in sizes
+    ]
+
+    def request(*datas: bytes) -> dict:
+        encoded = [base64.b64encode(d).decode() for d in datas]
+        return {"images": [{"name": f"{i}.png", "data": e} for i, e in enumerate(encoded)]}
+
+    batch = [api.decode_request(request(pngs[0])), api.decode_request(request(pngs[1], pngs[2]))]
+    rows = [r for y in api.unbatch(api.predict(api.batch(batch))) for r in y]
+    want = detector.predict([Image.open(io.BytesIO(d)) for d in pngs])
+    assert [r["n_tiles"] for r in rows] == [w.n_tiles for w in want]
+    assert min(w.n_tiles for w in want) > 1  # every image was cut into tiles
+    for row, w in zip(rows, want, strict=True):
+        assert abs(row["probability"] - w.probability) <= 1e-5
+        assert row["label"] == w.label
