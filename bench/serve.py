@@ -83,7 +83,7 @@ def load(
             with lock:
                 latencies.append(elapsed)
                 state["done"] += 1
-                first = state["done"] == 100
+                first = state["done"] == min(100, n)
             if first:
                 state["rss_100"] = group_rss_mb(pgid)
         conn.close()
