@@ -85,7 +85,9 @@ class DetectorAPI(ls.LitAPI):
             name = item["name"]
             try:
                 data = base64.b64decode(item["data"])
-                with open_image(name, self.model.max_pixels, fp=io.BytesIO(data)) as img:
+                with open_image(
+                    name, self.model.max_pixels, fp=io.BytesIO(data), setting="max_pixels"
+                ) as img:
                     prepared.append((name, self.detector.prepare(img)))
             except Exception as e:  # any decoder failure is the upload's, not the worker's
                 reason = reason_from_exception(e)

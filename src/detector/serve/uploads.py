@@ -173,9 +173,9 @@ def check_image(name: str, data: bytes, limits: Limits, index: int = 0, n: int =
                 422, f"{label}: unsupported format {img.format} (accepted: {allowed})"
             )
         width, height = img.size
-        too_big = pixel_limit_reason(width, height, limits.max_pixels)
+        too_big = pixel_limit_reason(width, height, limits.max_pixels, "max_pixels")
         if too_big:
-            raise UploadError(413, f"{label}: {too_big.replace('data.max_pixels', 'max_pixels')}")
+            raise UploadError(413, f"{label}: {too_big}")
         if min(width, height) < limits.min_size:
             raise UploadError(
                 422,
