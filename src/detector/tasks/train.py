@@ -127,13 +127,17 @@ def _log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, float])
     """The run's row in TensorBoard's HParams tab: its data, model and trainer settings with
     its final validation metrics and the best checkpoint's score (detector.tensorboard)."""
     params: dict[str, object] = {"seed": cfg.get("seed")}
+
+    def flatten(node: object, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key not in ("_target_", "_partial_"):
+                    flatten(value, f"{prefix}.{key}")
+        else:
+            params[prefix] = node if isinstance(node, int | float | str | bool) else str(node)
+
     for group in ("data", "model", "trainer"):
-        values = OmegaConf.to_container(cfg.get(group) or {}, resolve=True)
-        for key, value in (values or {}).items():  # type: ignore[union-attr]
-            if key != "_target_" and not isinstance(value, dict):
-                params[f"{group}.{key}"] = (
-                    value if isinstance(value, int | float | str | bool) else str(value)
-                )
+        flatten(OmegaConf.to_container(cfg.get(group) or {}, resolve=True), group)
     final = {k.replace("/", "_"): v for k, v in metrics.items() if k.startswith("val/")}
     callback = trainer.checkpoint_callback
     if callback is not None and getattr(callback, "best_model_score", None) is not None:
