@@ -4,9 +4,6 @@ import hydra
 from omegaconf import DictConfig
 
 from detector.cli import preflight, run
-from detector.config import register_resolvers
-
-register_resolvers()  # before Hydra composes the config
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")
@@ -18,4 +15,7 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     preflight("export")  # --help, and a key this command does not read: one error line
+    from detector.config import register_resolvers  # imports torch: not for --help
+
+    register_resolvers()  # before Hydra resolves the run folder (${run_id:...})
     main()

@@ -3,6 +3,7 @@ feature map, and a small MLP head that ends in one logit (probability of class i
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import timm
@@ -157,3 +158,9 @@ class SEClassifier(nn.Module):
         if both:
             parts = tuple(t.view(2, len(x), *t.shape[1:]).mean(0) for t in parts)
         return Embedding(*parts)
+
+
+# The network's own settings, as checkpoints store them among the module's hyper-parameters.
+_NET_SIGNATURE = inspect.signature(SEClassifier).parameters
+NET_SETTINGS = tuple(_NET_SIGNATURE)
+NET_DEFAULTS = {k: p.default for k, p in _NET_SIGNATURE.items()}

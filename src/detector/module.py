@@ -31,7 +31,7 @@ from detector.distributed import gather_rows
 from detector.errors import ConfigError
 from detector.evaluation.metrics import THRESHOLD_RULES, fit_threshold
 from detector.evaluation.ood import OODModel
-from detector.model import SEClassifier
+from detector.model import NET_DEFAULTS, NET_SETTINGS, SEClassifier
 
 
 def binary_metrics(prefix: str) -> MetricCollection:
@@ -45,11 +45,6 @@ def binary_metrics(prefix: str) -> MetricCollection:
         },
         prefix=prefix,
     )
-
-
-_NET_SIGNATURE = inspect.signature(SEClassifier).parameters
-NET_SETTINGS = tuple(_NET_SIGNATURE)
-NET_DEFAULTS = {k: p.default for k, p in _NET_SIGNATURE.items()}
 
 
 def _check_settings(

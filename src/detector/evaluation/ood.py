@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 import torch
 
 from detector.data.tiles import segment_mean
-from detector.distributed import gather_rows
 from detector.errors import ConfigError
 from detector.evaluation.metrics import ranking_metrics, threshold_metrics
 
@@ -252,6 +251,8 @@ def fit_on_data(model, datamodule, trainer, feature: str, quantile: float) -> OO
 
     def prepare(images: torch.Tensor) -> torch.Tensor:
         return model.prepare(images.to(device))
+
+    from detector.distributed import gather_rows  # Lightning: only fitting needs it, not scoring
 
     def gathered(loader) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         parts, labels = collect_features(loader, prepare, model.net.embed, feature)
