@@ -61,18 +61,24 @@ def plot_roc(
 
 
 def plot_history(history: Sequence[Mapping[str, float]]) -> plt.Figure:
-    """The seed's 2x2 training-history figure: accuracy, precision, recall, loss; train vs val."""
+    """The seed's 2x2 training-history figure: accuracy, precision, recall, loss; train vs val,
+    and dashed, the validation of each training source when there are several
+    (``val/<source>/acc``, ...)."""
     fig, axes = plt.subplots(2, 2, figsize=(9, 6.5))
     epochs = [h["epoch"] + 1 for h in history]
+    sources = list(dict.fromkeys(k.split("/")[1] for h in history for k in h if k.count("/") == 2))
     for ax, key in zip(axes.flat, ("acc", "precision", "recall", "loss"), strict=True):
-        for stage in ("train", "val"):
-            values = [h.get(f"{stage}/{key}") for h in history]
+        lines = [(s, f"{s}/{key}", "-") for s in ("train", "val")]
+        lines += [(f"val {s}", f"val/{s}/{key}", "--") for s in sources]
+        for label, tag, style in lines:
+            values = [h.get(tag) for h in history]
             if any(v is not None for v in values):
                 ax.plot(
                     epochs,
                     [float("nan") if v is None else v for v in values],
                     marker="o",
-                    label=stage,
+                    linestyle=style,
+                    label=label,
                 )
         ax.set_title(key)
         ax.set_xlabel("epoch")
