@@ -8,10 +8,11 @@ the train x test matrix of AUROC, accuracy and AP: matrix.md, matrix.csv, matrix
 A source is a conf/data option (``demo``, ``demo_b``, named after it), ``NAME=OPTION``,
 ``NAME=FOLDER`` (``data=imagefolder data.root=FOLDER``) or ``NAME=OPTION:FOLDER`` (e.g.
 ``sdv14=genimage:/data/GenImage/sdv14``). Overrides go to every training run; those of
-``trainer.*``, ``data.batch_size`` and ``data.num_workers`` to every evaluation too, and
-``--eval`` adds evaluation-only ones. Resumable: a model whose ``models/<row>/done.json``
-exists is not trained again, a cell whose ``cells/<row>__<test>.json`` exists is not
-evaluated again; rerun the same command after an interruption.
+``trainer.*``, ``paths.*``, ``data.batch_size`` and ``data.num_workers`` to every
+evaluation too, and ``--eval`` adds evaluation-only ones. Resumable: a model whose
+``models/<row>/done.json`` exists is not trained again, a cell whose
+``cells/<row>__<test>.json`` exists is not evaluated again; rerun the same command after an
+interruption.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from detector.tasks.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-EVAL_KEYS = re.compile(r"^\+*(trainer\.|data\.batch_size=|data\.num_workers=)")
+EVAL_KEYS = re.compile(r"^\+*(trainer\.|paths\.|data\.batch_size=|data\.num_workers=)")
 CELL_KEYS = ("auroc", "accuracy", "average_precision", "n")
 
 
@@ -139,9 +140,10 @@ def train_row(row: Row, overrides: list[str], out: Path) -> str:
     best = metrics.get("best_model_path")
     if not best:
         raise SystemExit(f"error: training {row.name} wrote no checkpoint (see {folder})")
-    info = {"best": best, "seconds": round(seconds, 1), "val_auroc": metrics.get("val/auroc")}
+    last = metrics.get("val/auroc")
+    info = {"best": best, "seconds": round(seconds, 1), "last_val_auroc": last}
     atomic_write_text(done, json.dumps(info, indent=2) + "\n")
-    print(f"[train] {row.name}: {seconds:.0f} s, val AUROC {info['val_auroc']:.4f}", flush=True)
+    print(f"[train] {row.name}: {seconds:.0f} s, last val AUROC {last:.4f}", flush=True)
     return best
 
 

@@ -63,17 +63,18 @@ def matrix_markdown(
 
 
 def matrix_figure(cells: Cells, rows: Sequence[str], cols: Sequence[str]) -> plt.Figure:
-    """A heatmap per metric, the value written in each cell (0.5 is chance for AUROC)."""
-    width = 1.5 + 1.1 * len(cols)
+    """A heatmap per metric, the value written in each cell; colours from 0.5 (chance for
+    AUROC and balanced classes) to 1."""
+    width = 1.2 + 0.8 * len(cols)
     fig, axes = plt.subplots(1, len(METRICS), figsize=(width * len(METRICS), 1.2 + 0.7 * len(rows)))
     for ax, (key, title) in zip(np.atleast_1d(axes), METRICS, strict=True):
         data = np.array([[_value(cells, r, c, key) for c in cols] for r in rows])
-        ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis")
+        ax.imshow(data, vmin=0.5, vmax=1.0, cmap="viridis")
         for i in range(len(rows)):
             for j in range(len(cols)):
                 v = data[i, j]
                 text = "-" if math.isnan(v) else f"{v:.3f}"
-                ax.text(j, i, text, ha="center", va="center", color="w" if v < 0.6 else "k")
+                ax.text(j, i, text, ha="center", va="center", color="w" if v < 0.8 else "k")
         ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
         ax.set_yticks(range(len(rows)), rows)
         ax.set_xlabel("test")
