@@ -2,6 +2,7 @@
 per-source validation metrics, and the sampler that weighs sources."""
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,10 @@ from detector.evaluation.per_source import source_metrics
 from detector.evaluation.plots import plot_history
 from detector.tasks.evaluate import evaluate
 from detector.tasks.train import train
-from tests.conftest import TINY, compose_config, make_image_folder
+from tests import (
+    test_ddp as ddp,  # its launch helpers (a module: its tests are not collected twice)
+)
+from tests.conftest import ROOT, TINY, compose_config, make_image_folder
 
 
 def _relabel(src: Path, dst: Path, names: dict[str, str]) -> Path:
@@ -212,3 +216,26 @@ def test_history_figure_draws_each_source_dashed():
     assert [line.get_label() for line in ax.lines] == ["train", "val", "val a", "val b"]
     assert [line.get_linestyle() for line in ax.lines] == ["-", "-", "--", "--"]
     assert list(ax.lines[2].get_ydata()) == [0.8, 0.8]
+
+
+def test_per_source_metrics_under_ddp_equal_one_device(tmp_path):
+    """Two CPU ranks (uneven shards, weighted sampler): the gathered per-source numbers are
+    those of one device scoring the source's validation split, and the run does not hang."""
+    a = make_image_folder(tmp_path / "a", n_train=13, n_test=2, seed=1)
+    b = make_image_folder(tmp_path / "b", n_train=9, n_test=2, seed=2)
+    command = [sys.executable, str(ROOT / "train.py"), "trainer=ddp_cpu", *TINY]
+    command += ["data=imagefolder", f"data.train_dirs={{a: {a / 'train'}, b: {b / 'train'}}}"]
+    command += ["data.source_weights={a: 1, b: 2}", "test=false", f"ddp_timeout={ddp.DDP_TIMEOUT}"]
+    code, _, err = ddp.launch(command, tmp_path, tty=False)
+    assert code == 0, err[-3000:]
+    run = ddp.the_run(tmp_path)
+    logged = ddp.scalars(run / "tensorboard")
+    ckpt = ddp.best_checkpoint(run)
+    for name, folder in (("a", a), ("b", b)):
+        overrides = [f"ckpt={ckpt}", "data=imagefolder", f"data.train_dir={folder / 'train'}"]
+        overrides += ["split=val", "trainer.accelerator=cpu", "data.num_workers=0"]
+        ev = evaluate(compose_config("eval", tmp_path / f"eval_{name}", overrides))
+        assert logged[f"val/{name}/auroc"][-1] == pytest.approx(ev["auroc"], abs=1e-5)
+        assert logged[f"val/{name}/acc"][-1] == pytest.approx(
+            ev["table"][0]["accuracy_at_0.5"], abs=1e-6
+        )
