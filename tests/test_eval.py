@@ -119,17 +119,20 @@ def test_predictions_csv_recomputes_the_report(trained_run, tmp_path):
         "label",
         "probability",
         "prediction",
+        "label_index",
+        "prediction_index",
         "ood_score",
         "in_domain",
         "n_tiles",
     }
     assert {r["n_tiles"] for r in rows} == {"1"}  # a resize model scores each image once
     assert report["ood"]["n_flagged"] == sum(r["in_domain"] == "False" for r in rows)
-    labels = np.array([int(r["label"]) for r in rows])
+    labels = np.array([int(r["label_index"]) for r in rows])
     probs = np.array([float(r["probability"]) for r in rows])
-    preds = np.array([int(r["prediction"]) for r in rows])
+    preds = np.array([int(r["prediction_index"]) for r in rows])
     for r in rows:
-        assert Path(r["path"]).parent.name == ("REAL" if r["label"] == "1" else "FAKE")
+        assert Path(r["path"]).parent.name == r["label"] == ["FAKE", "REAL"][int(r["label_index"])]
+        assert r["prediction"] == ["FAKE", "REAL"][int(r["prediction_index"])]
     assert (preds == (probs >= report["threshold"])).all()
     assert (preds == labels).mean() == pytest.approx(report["accuracy"], abs=1e-9)
     # AUROC as the probability that a REAL image scores above a FAKE one (ties count half).

@@ -48,7 +48,7 @@ def eval_predictions(trained_run, tmp_path_factory) -> tuple[list[str], torch.Te
     rows = _rows(out / "predictions.csv")
     paths = [str(Path(r["path"]).resolve()) for r in rows]
     probs = torch.tensor([float(r["probability"]) for r in rows])
-    return paths, probs, [int(r["prediction"]) for r in rows]
+    return paths, probs, [int(r["prediction_index"]) for r in rows]
 
 
 def test_predict_matches_eval_per_image(trained_run, eval_predictions, tmp_path):

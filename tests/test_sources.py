@@ -207,14 +207,14 @@ def test_two_sources_log_per_source_validation_to_tensorboard(tmp_path):
     assert ev["auroc"] == pytest.approx(metrics["val/a/auroc"], abs=1e-5)
 
 
-def test_history_figure_draws_each_source_dashed():
+def test_history_figure_draws_each_source_dotted():
     history = [
         {"epoch": e, "train/acc": 0.6, "val/acc": 0.7, "val/a/acc": 0.8, "val/b/acc": 0.5}
         for e in range(2)
     ]
     ax = plot_history(history).axes[0]
     assert [line.get_label() for line in ax.lines] == ["train", "val", "val a", "val b"]
-    assert [line.get_linestyle() for line in ax.lines] == ["-", "-", "--", "--"]
+    assert [line.get_linestyle() for line in ax.lines] == ["-", "-", ":", ":"]
     assert list(ax.lines[2].get_ydata()) == [0.8, 0.8]
 
 

@@ -24,6 +24,7 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from detector.data.contract import Prepared, Preprocessing
+from detector.data.decode import DEFAULT_MAX_PIXELS
 from detector.data.tiles import aggregate_logits
 from detector.errors import ConfigError, DataError
 from detector.files import describe_error, file_hash
@@ -92,8 +93,11 @@ class Detector:
         model_id: str = "",
         max_tiles: int | None = None,
         aggregate: str | None = None,
+        max_pixels: int | None = None,
     ) -> None:
-        """``max_tiles`` and ``aggregate`` (crop models): None keeps the checkpoint's."""
+        """``max_tiles`` and ``aggregate`` (crop models): None keeps the checkpoint's;
+        ``max_pixels``: larger images are refused from their header (None: PIL's limit)."""
+        self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
         self.device = resolve_device(device)
         self.module = module.to(self.device).eval()
         self.net = self.module.net
@@ -133,7 +137,7 @@ class Detector:
         contract = self.preprocessing
         if isinstance(image, str | os.PathLike):
             try:
-                return contract.prepare_file(str(image))
+                return contract.prepare_file(str(image), self.max_pixels)
             except Exception as e:
                 raise DataError(f"cannot read image {image}: {describe_error(e)}") from e
         if isinstance(image, Image.Image):

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
+import shlex
+import signal
+import sys
+import threading
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +19,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from detector.errors import NonFiniteLossError
@@ -46,7 +54,9 @@ class History(L.Callback):
         self._record(trainer, trainer.current_epoch - 1)
         if not trainer.is_global_zero or not self.epochs:
             return
-        fig = plot_history(self.epochs)
+        scored = [h for h in self.epochs if "val/auroc" in h]
+        best = max(scored, key=lambda h: h["val/auroc"])["epoch"] if scored else None
+        fig = plot_history(self.epochs, best_epoch=best)
         out = Path(trainer.default_root_dir) / self.filename
         save_figure(fig, out)
         for logger in trainer.loggers:
@@ -164,6 +174,130 @@ def _last_good(trainer: L.Trainer) -> str:
     return "No checkpoint had been saved yet."
 
 
+class ProgressLog(L.Callback):
+    """A progress line every ``every_s`` seconds and at each epoch's end when stdout is not a
+    terminal (nohup, SLURM, CI), where the progress bar draws nothing at all:
+
+        [train] epoch 1/10  step 120/625 (19%)  212 img/s  loss 0.4123  elapsed 0:01:02  ETA 0:48:11
+    """
+
+    def __init__(self, every_s: float = 30.0, force: bool = False) -> None:
+        self.every_s = float(every_s)
+        self.force = force
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.active = trainer.is_global_zero and (self.force or not sys.stdout.isatty())
+        self.start = self.last = time.monotonic()
+        self.steps = self.images = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not getattr(self, "active", False):
+            return
+        self.steps += 1
+        self.images += len(batch[1]) * trainer.world_size
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        self.loss = float(loss) if loss is not None else None
+        self.printed = False
+        if time.monotonic() - self.last >= self.every_s:
+            self._line(trainer, batch_idx + 1)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(self, "active", False) and not getattr(self, "printed", True):
+            self._line(trainer, trainer.num_training_batches)
+
+    def _line(self, trainer: L.Trainer, step: int) -> None:
+        now = time.monotonic()
+        elapsed = now - self.start
+        total = trainer.num_training_batches
+        epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        left = (epochs - trainer.current_epoch - 1) * total + total - step if epochs else None
+        eta = f"  ETA {timedelta(seconds=round(left * elapsed / self.steps))}" if left else ""
+        loss_text = f"  loss {self.loss:.4f}" if self.loss is not None else ""
+        print(
+            f"[train] epoch {trainer.current_epoch + 1}/{epochs or '?'}  step {step}/{total} "
+            f"({100 * step / max(total, 1):.0f}%)  {self.images / max(elapsed, 1e-9):.0f} img/s"
+            f"{loss_text}  elapsed {timedelta(seconds=round(elapsed))}{eta}",
+            flush=True,
+        )
+        self.last = now
+        self.printed = True
+
+
+class LearningRate(L.Callback):
+    """The learning rate as ``lr`` at each epoch's start, against the epoch. Lightning's
+    LearningRateMonitor names it after the optimizer (``lr-Adam``, ``lr-AdamW``), so runs
+    with different optimizers never share a chart, and plots it against the global step."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.optimizers:
+            return
+        groups = trainer.optimizers[0].param_groups
+        values = {"lr": float(groups[0]["lr"])}
+        values |= {f"lr/pg{i}": float(g["lr"]) for i, g in enumerate(groups[1:], 1)}
+        for logger in trainer.loggers:
+            logger.log_metrics({**values, "epoch": trainer.current_epoch}, trainer.global_step)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """A rank started by another rank's process: gone with it, not waiting in a collective
+    for a peer that no longer exists (until ddp_timeout)."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+class SaveOnInterrupt(L.Callback):
+    """Ctrl-C, or SIGTERM (what SLURM sends before preemption): write ``last.ckpt`` of the
+    state reached and print the command that resumes the run, every rank gone within seconds.
+
+    SIGTERM is turned into the KeyboardInterrupt that Ctrl-C raises: Lightning's own SIGTERM
+    handler broadcasts from inside the signal handler, at whatever point each rank is, and was
+    seen to hang a 2-rank run until the collective timeout. On KeyboardInterrupt, Lightning
+    kills the ranks it started; a rank whose parent dies anyway (kill -9) exits by itself.
+    Rank 0 writes alone and waits for no other rank (one may already be gone); other errors
+    (a NaN loss, a full disk) keep the last good checkpoint instead (:class:`FiniteLossGuard`).
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+        # Ranks > 0 of a node are started by rank 0 or by torchrun's agent; rank 0 itself
+        # may outlive its shell (nohup), so it never watches its parent.
+        if int(os.environ.get("LOCAL_RANK", "0")) > 0:
+            watchdog = threading.Thread(
+                target=_exit_when_orphaned, args=(os.getppid(),), daemon=True
+            )
+            watchdog.start()
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, KeyboardInterrupt | SIGTERMException):
+            return
+        if not trainer.is_global_zero or trainer.state.fn != TrainerFn.FITTING:
+            return
+        path = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+        try:
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
+        except Exception as e:  # the previous last.ckpt (atomic writes) is still whole
+            print(f"\ninterrupted: could not save {path} ({e})", file=sys.stderr, flush=True)
+            return
+        args = [a for a in sys.argv[1:] if not a.startswith(("ckpt_path=", "hydra."))]
+        command = shlex.join(["python", Path(sys.argv[0]).name, *args, "ckpt_path=last"])
+        print(
+            f"\ninterrupted ({exception or 'Ctrl-C'}) in epoch {trainer.current_epoch + 1}/"
+            f"{trainer.max_epochs} (step {trainer.global_step}): saved {path}\n"
+            f"resume with: {command}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def training_callbacks() -> list[L.Callback]:
     """Callbacks every training run gets, whatever conf/callbacks says."""
-    return [FiniteLossGuard(), ResumeRandomState()]
+    return [FiniteLossGuard(), ResumeRandomState(), SaveOnInterrupt()]

@@ -116,9 +116,12 @@ class Preprocessing:
         tiles = cut_tiles(image, self.image_size, self.max_tiles)
         return Prepared(tiles, len(tiles), (width, height))
 
-    def prepare_file(self, path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Prepared:
-        """Images over ``max_pixels`` are refused from their header (DataError)."""
-        with open_image(path, max_pixels) as img:
+    def prepare_file(
+        self, path: str, max_pixels: int = DEFAULT_MAX_PIXELS, setting: str = "max_pixels"
+    ) -> Prepared:
+        """Images over ``max_pixels`` are refused from their header (DataError naming
+        ``setting``, the limit's name on the command that reads the file)."""
+        with open_image(path, max_pixels, setting=setting) as img:
             return self.prepare_pil(img)
 
 

@@ -52,18 +52,24 @@ DEFAULT_MIN_SIZE = 8
 EXIF_ORIENTATION = 0x0112
 
 
-def pixel_limit_reason(width: int, height: int, max_pixels: int) -> str | None:
-    """Why an image of this size is refused, judged from its header alone."""
+def pixel_limit_reason(
+    width: int, height: int, max_pixels: int, setting: str = "data.max_pixels"
+) -> str | None:
+    """Why an image of this size is refused, judged from its header alone; ``setting`` is the
+    name of the limit on the command that reads the image."""
     if max_pixels and width * height > max_pixels:
         return (
-            f"{width}x{height} = {width * height:,} pixels is over data.max_pixels={max_pixels:,}; "
+            f"{width}x{height} = {width * height:,} pixels is over {setting}={max_pixels:,}; "
             "refused without decoding (a decompression bomb?)"
         )
     return None
 
 
 def open_image(
-    path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, fp: IO[bytes] | None = None
+    path: str | os.PathLike,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    fp: IO[bytes] | None = None,
+    setting: str = "data.max_pixels",
 ) -> Image.Image:
     """``Image.open`` that refuses decompression bombs from the header alone, before any decoding.
 
@@ -76,7 +82,7 @@ def open_image(
             img = Image.open(fp if fp is not None else path)
         except Image.DecompressionBombError as e:
             raise DataError(f"{display(path)}: refused without decoding ({e})") from None
-    reason = pixel_limit_reason(*img.size, max_pixels)
+    reason = pixel_limit_reason(*img.size, max_pixels, setting)
     if reason:
         img.close()
         raise DataError(f"{display(path)}: {reason}")

@@ -60,17 +60,31 @@ def plot_roc(
     return fig
 
 
-def plot_history(history: Sequence[Mapping[str, float]]) -> plt.Figure:
-    """The seed's 2x2 training-history figure: accuracy, precision, recall, loss; train vs val,
-    and dashed, the validation of each training source when there are several
-    (``val/<source>/acc``, ...)."""
-    fig, axes = plt.subplots(2, 2, figsize=(9, 6.5))
-    epochs = [h["epoch"] + 1 for h in history]
+HISTORY_PANELS = {
+    "acc": "accuracy",
+    "precision": "precision",
+    "recall": "recall",
+    "f1": "F1",
+    "auroc": "AUROC (picks the checkpoint)",
+    "loss": "loss (binary cross-entropy)",
+}
+
+
+def plot_history(
+    history: Sequence[Mapping[str, float]], best_epoch: int | None = None
+) -> plt.Figure:
+    """The seed's training-history figure, train vs val, plus F1 and AUROC (the metric that
+    picks the checkpoint), and dotted, the validation of each training source when there are
+    several (``val/<source>/acc``, ...). Epochs are numbered as in checkpoint names
+    (``epoch000`` is the first); ``best_epoch``, the best checkpoint's, is marked on every
+    panel."""
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    epochs = [int(h["epoch"]) for h in history]
     sources = list(dict.fromkeys(k.split("/")[1] for h in history for k in h if k.count("/") == 2))
-    for ax, key in zip(axes.flat, ("acc", "precision", "recall", "loss"), strict=True):
+    for ax, (key, label) in zip(axes.flat, HISTORY_PANELS.items(), strict=True):
         lines = [(s, f"{s}/{key}", "-") for s in ("train", "val")]
-        lines += [(f"val {s}", f"val/{s}/{key}", "--") for s in sources]
-        for label, tag, style in lines:
+        lines += [(f"val {s}", f"val/{s}/{key}", ":") for s in sources]
+        for name, tag, style in lines:
             values = [h.get(tag) for h in history]
             if any(v is not None for v in values):
                 ax.plot(
@@ -78,11 +92,16 @@ def plot_history(history: Sequence[Mapping[str, float]]) -> plt.Figure:
                     [float("nan") if v is None else v for v in values],
                     marker="o",
                     linestyle=style,
-                    label=label,
+                    label=name,
                 )
+        if best_epoch is not None:
+            best = f"best (epoch{best_epoch:03d})"
+            ax.axvline(best_epoch, color="grey", ls="--", lw=1, label=best)
         ax.set_title(key)
-        ax.set_xlabel("epoch")
-        ax.legend()
+        ax.set_xlabel("epoch (as in checkpoint names)")
+        ax.set_ylabel(label)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 

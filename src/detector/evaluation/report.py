@@ -343,19 +343,19 @@ def write_predictions(
     probs: torch.Tensor,
     targets: torch.Tensor,
     threshold: float,
+    class_names: Sequence[str],
     sets: Sequence[str] | None = None,
     extra: Mapping[str, Sequence] | None = None,
 ) -> Path:
-    """``path,label,probability,prediction`` per image (plus ``set`` when given): label and
-    prediction are class indices, probability is P(class 1) at full float32 precision, so every
+    """Per image (plus ``set`` when given): label and prediction as class names, as predict.py
+    writes them, and as indices; probability is P(class 1) at full float32 precision, so every
     number of the report can be recomputed from the file."""
-    preds = predict(probs, threshold).tolist()
-    probs_list = probs.float().flatten().tolist()
+    columns = ["path", "label", "prediction", "probability", "label_index", "prediction_index"]
+    values = zip(paths, targets.flatten().tolist(), probs.float().flatten().tolist(), strict=True)
     rows = [
-        {"path": p, "label": int(y), "probability": repr(float(q)), "prediction": d}
-        for p, y, q, d in zip(paths, targets.flatten().tolist(), probs_list, preds, strict=True)
+        dict(zip(columns, (p, class_names[y], class_names[d], repr(q), y, d), strict=True))
+        for (p, y, q), d in zip(values, predict(probs, threshold).tolist(), strict=True)
     ]
-    columns = ["path", "label", "probability", "prediction"]
     for name, values in {**({"set": sets} if sets is not None else {}), **(extra or {})}.items():
         for row, value in zip(rows, values, strict=True):
             row[name] = value

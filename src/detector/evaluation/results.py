@@ -171,6 +171,7 @@ def _write_files(
             probs,
             targets,
             model.threshold,
+            list(model.hparams.class_names),
             extra=columns,
         )
     return samples

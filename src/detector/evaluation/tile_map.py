@@ -86,7 +86,7 @@ def draw_tile_map(result: TileMap, class_names: Sequence[str], title: str) -> pl
 def explain_file(detector: Detector, path: str, png: Path, dpi: int) -> dict:
     """Draw one file's tile map to ``png``; its table row (the lowest and highest tile
     probability say how much the tiles disagree)."""
-    with open_image(path) as img:
+    with open_image(path, detector.max_pixels, setting="max_pixels") as img:
         image = F.pil_to_tensor(to_rgb(img))
     result = tile_map(detector, image)
     names = detector.class_names

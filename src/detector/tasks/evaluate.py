@@ -203,7 +203,22 @@ def evaluate(cfg: DictConfig) -> dict:
     write_json(final, output_dir / "metrics.json")
     for logger in loggers:
         logger.finalize("success")
+    _print_written(output_dir, list(reports) if several else [], bool(loggers))
     return final
+
+
+def _print_written(output_dir: Path, set_folders: list[str], tensorboard: bool) -> None:
+    """Where the report went: a user should not have to search the run folder for it."""
+    figures = sorted(p.name for p in output_dir.glob("*.png"))
+    tables = sorted(p.name for p in output_dir.iterdir() if p.suffix in (".json", ".csv"))
+    print(f"\nWritten to {output_dir}:")
+    print(f"  {', '.join(tables)}")
+    if set_folders:
+        print(f"  one folder per set ({', '.join(set_folders)}) with its report and figures")
+    if figures:
+        print(f"  figures: {', '.join(figures)}")
+    if tensorboard:
+        print(f"  TensorBoard: tensorboard --logdir {output_dir}")
 
 
 def _pool(
@@ -233,6 +248,7 @@ def _pool(
         probs,
         targets,
         model.threshold,
+        list(model.hparams.class_names),
         sets=[name for name, r in results.items() for _ in r[2]],
     )
     return summary_row("all", pooled)

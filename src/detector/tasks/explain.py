@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 import matplotlib
 
-from detector.data.decode import load_image
 from detector.evaluation.tile_map import explain_file
 from detector.files import describe_error
 from detector.tasks.inputs import (
@@ -343,12 +342,12 @@ def _explained_rows(detector, paths, out_dir: Path, target, cfg, errors) -> Iter
                 errors.append((path, describe_error(e)))
                 yield {i: {"path": path, "error": describe_error(e)}}
         return
-    batch = int(cfg.batch_size)
+    batch = 1  # one image at a time: the progress bar moves per image (IG batches its steps)
     for start in range(0, len(paths), batch):
         ok, images, rows = [], [], {}
         for i, path in enumerate(paths[start : start + batch], start):
             try:
-                images.append(load_image(path, detector.image_size))
+                images.append(detector.prepare(path).pixels)  # the checkpoint's contract
                 ok.append((i, path))
             except Exception as e:  # reported per row, the other images still run
                 msg = describe_error(e)

@@ -73,7 +73,7 @@ def contract(detector: Detector, fmt: str, file: Path, checkpoint: str | Path) -
         "format": fmt,
         "file": file.name,
         "model_id": detector.model_id,
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(Path(checkpoint).resolve()),
         "class_names": names,
         "threshold": detector.threshold,
         "image_size": s,

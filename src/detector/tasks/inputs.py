@@ -19,6 +19,8 @@ from detector.api import Detector
 from detector.data.decode import IMAGE_EXTENSIONS
 from detector.errors import ConfigError, DataError, ckpt_not_set
 
+log = logging.getLogger(__name__)
+
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
 
 
@@ -36,30 +38,53 @@ def _is_image_name(path: str | Path) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _walk_images(folder: Path) -> list[str]:
+# Image types that cameras and phones write but this tool cannot decode: named as such when a
+# folder holds them, so a user knows to convert them rather than wonder where they went.
+UNDECODABLE_IMAGES = (".heic", ".heif", ".avif", ".svg", ".psd", ".raw", ".cr2", ".nef", ".dng")
+SKIPPED_SHOWN = 20
+
+
+def _skip_reason(name: str) -> str:
+    suffix = Path(name).suffix.lower()
+    if suffix in UNDECODABLE_IMAGES:
+        return f"{suffix} images are not supported: convert to JPEG or PNG"
+    return "not an image file name (" + ", ".join(IMAGE_EXTENSIONS) + ")"
+
+
+def _walk_images(folder: Path, skipped: list[tuple[str, str]] | None = None) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [
-            os.path.join(dirpath, f)
-            for f in filenames
-            if not f.startswith(".") and _is_image_name(f)
-        ]
+        for f in filenames:
+            if f.startswith("."):
+                continue
+            if _is_image_name(f):
+                found.append(os.path.join(dirpath, f))
+            elif skipped is not None:
+                skipped.append((os.path.join(dirpath, f), _skip_reason(f)))
     return sorted(found)
+
+
+def _looks_like_path(entry: str) -> bool:
+    return _is_image_name(entry) or os.sep in entry or Path(entry).expanduser().exists()
 
 
 def _read_list(path: Path) -> list[str]:
     """Paths one per line; blank lines and ``#`` comments skipped. A relative path is taken
-    from the current folder, or else from the list's own folder (lists travel with data)."""
+    from the current folder, or else from the list's own folder (lists travel with data). A
+    text none of whose lines looks like a path (prose) is refused rather than read as paths."""
     try:
         lines = path.read_text().splitlines()
     except UnicodeDecodeError as e:
         raise ConfigError(f"input={path}: neither an image nor a text file of paths") from e
+    entries = [e.strip() for e in lines if e.strip() and not e.strip().startswith("#")]
+    if entries and not any(_looks_like_path(e) or (path.parent / e).exists() for e in entries):
+        raise ConfigError(
+            f"input={path}: not an image and not a list of paths (no line names an image or "
+            f"an existing file; line 1: {entries[0][:60]!r})"
+        )
     out = []
-    for line in lines:
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
-            continue
+    for entry in entries:
         p = Path(entry).expanduser()
         if not p.is_absolute() and not p.exists() and (path.parent / p).exists():
             p = path.parent / p
@@ -67,18 +92,21 @@ def _read_list(path: Path) -> list[str]:
     return out
 
 
-def resolve_inputs(spec: str | os.PathLike) -> list[str]:
+def resolve_inputs(
+    spec: str | os.PathLike, skipped: list[tuple[str, str]] | None = None
+) -> list[str]:
     """Image paths from ``input``: an image, a folder (recursive), a glob or a list file.
 
     Files named in a list or matched by a glob are kept even when they may not decode: they
-    get an error row rather than silently vanishing.
+    get an error row rather than silently vanishing. Files of a folder that are not images
+    go into ``skipped`` (path, why).
     """
     if spec is None or str(spec).strip() == "":
         raise ConfigError("input is not set: pass input=PATH (an image, folder, glob or list)")
     text = os.path.expanduser(str(spec))
     path = Path(text)
     if path.is_dir():
-        return _walk_images(path)
+        return _walk_images(path, skipped)
     if path.is_file():
         if _is_image_name(path):
             return [text]
@@ -95,7 +123,7 @@ def resolve_inputs(spec: str | os.PathLike) -> list[str]:
         found: list[str] = []
         for match in sorted(glob.glob(text, recursive=True)):
             if os.path.isdir(match):
-                found += _walk_images(Path(match))
+                found += _walk_images(Path(match), skipped)
             else:
                 found.append(match)
         if not found:
@@ -137,10 +165,19 @@ def require_ckpt(ckpt: str | None) -> None:
         raise ConfigError(ckpt_not_set())
 
 
-def image_paths(cfg: DictConfig, hint: str = "") -> list[str]:
+def image_paths(
+    cfg: DictConfig, hint: str = "", skipped: list[tuple[str, str]] | None = None
+) -> list[str]:
     """An ``input=`` that names no image at all is an error: an empty table would read as a run
-    that found nothing. ``hint`` ends the task's own message."""
-    paths = resolve_inputs(cfg.get("input"))
+    that found nothing. ``hint`` ends the task's own message. Files of a folder that are not
+    images are counted and named in the log (and collected in ``skipped``)."""
+    skipped = [] if skipped is None else skipped
+    paths = resolve_inputs(cfg.get("input"), skipped)
+    if skipped:
+        shown = "; ".join(f"{p} ({why})" for p, why in skipped[:SKIPPED_SHOWN])
+        extra = len(skipped) - SKIPPED_SHOWN
+        more = f"; and {extra} more" if extra > 0 else ""
+        log.warning("skipped %d files of input=%s: %s%s", len(skipped), cfg.input, shown, more)
     if not paths:
         raise DataError(f"input={cfg.input}: no images found{hint}")
     return paths
@@ -155,6 +192,7 @@ def load_detector(cfg: DictConfig) -> Detector:
         threshold=cfg.threshold,
         max_tiles=cfg.get("max_tiles"),
         aggregate=cfg.get("aggregate"),
+        max_pixels=cfg.get("max_pixels"),
     )
 
 

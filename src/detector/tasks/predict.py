@@ -35,16 +35,17 @@ class _Files(Dataset):
     """Decodes in loader workers by the checkpoint's preprocessing contract; a file that fails
     becomes an error string, not an exception."""
 
-    def __init__(self, paths: Sequence[str], contract: Preprocessing) -> None:
+    def __init__(self, paths: Sequence[str], contract: Preprocessing, max_pixels: int) -> None:
         self.paths = paths
         self.contract = contract
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, Prepared | None, str]:
         try:
-            return i, self.contract.prepare_file(self.paths[i]), ""
+            return i, self.contract.prepare_file(self.paths[i], self.max_pixels), ""
         except Exception as e:  # any decoder failure is the file's problem, reported per row
             return i, None, describe_error(e)
 
@@ -105,18 +106,64 @@ def _loader_batch_size(cfg: DictConfig) -> int:
     return batch_size
 
 
+# Up to this many images, each one's verdict is printed too (beyond: the summary only).
+ROWS_SHOWN = 20
+
+
+def _keep(batches: Iterator[dict[int, dict]], shown: list[dict]) -> Iterator[dict[int, dict]]:
+    """Pass the rows on, keeping the first ROWS_SHOWN + 1 for the screen."""
+    for rows in batches:
+        shown += [rows[i] for i in sorted(rows)][: ROWS_SHOWN + 1 - len(shown)]
+        yield rows
+
+
+def _row_line(row: dict, names: list[str]) -> str:
+    if row.get("error"):
+        return f"{row['path']}: unreadable ({row['error']})"
+    line = (
+        f"{row['path']}: {row['label']} (P({names[1]})={row[f'prob_{names[1]}']:.4f}, "
+        f"threshold {row['threshold']:.4f}"
+    )
+    if (row.get("n_tiles") or 1) > 1:
+        line += f", {row['n_tiles']} tiles"
+    if row.get("resized_from"):
+        line += f", resized from {row['resized_from']}"
+    if row.get("in_domain") is False:
+        line += "; unlike the training data: unreliable"
+    return line + ")"
+
+
+def _print_notes(
+    detector: Detector, scored: int, skipped: int, resized: list, flagged: int
+) -> None:
+    """What the summary must not leave out: files skipped, images squashed, labels unreliable."""
+    if skipped:
+        print(f"{skipped} other files skipped, not images this model reads (named in the log)")
+    squashed = resize_summary(resized, scored, detector.image_size)
+    if squashed:
+        print(squashed)
+    if detector.ood is None:
+        print(f"Out of domain: {NO_OOD_MODEL}")
+    else:
+        print(
+            f"{flagged} of {scored} images are unlike the training data (in_domain=false): "
+            "their labels are unreliable"
+        )
+
+
 def predict(cfg: DictConfig) -> dict:
     """Score every image of ``cfg.input`` and write one row per image (errors included)."""
     require_ckpt(cfg.get("ckpt"))
     batch_size = _loader_batch_size(cfg)
     out, fmt = output_file(cfg)
-    paths = image_paths(cfg, f" ({', '.join(IMAGE_EXTENSIONS)})")
+    skipped: list[tuple[str, str]] = []
+    paths = image_paths(cfg, f" ({', '.join(IMAGE_EXTENSIONS)})", skipped)
     detector = load_detector(cfg)
     names = detector.class_names
     columns = ["path", *(f"prob_{n}" for n in names), *RESULT_COLUMNS]
     columns += ["threshold", "model_id", "error"]
     loader = DataLoader(
-        _Files(paths, detector.preprocessing),
+        _Files(paths, detector.preprocessing, detector.max_pixels),
         batch_size=batch_size,
         num_workers=int(cfg.num_workers),
         collate_fn=_collate,
@@ -125,7 +172,11 @@ def predict(cfg: DictConfig) -> dict:
     errors: list[tuple[str, str]] = []
     resized: list[tuple[int, int]] = []
     rows = _scored_rows(detector, loader, paths, counts, errors, resized)
-    write_rows(out, fmt, columns, rows, "predict", cfg.get("progress"), len(paths))
+    shown: list[dict] = []
+    write_rows(out, fmt, columns, _keep(rows, shown), "predict", cfg.get("progress"), len(paths))
+    if len(paths) <= ROWS_SHOWN:
+        for row in shown:
+            print(_row_line(row, names))
 
     scored = len(paths) - len(errors)
     warn_unreadable(log, errors)
@@ -141,16 +192,7 @@ def predict(cfg: DictConfig) -> dict:
         f"Scored {scored} of {len(paths)} images ({summary}; {len(errors)} unreadable) with "
         f"model {detector.model_id}, threshold {detector.threshold:.4f}\nPredictions: {out}"
     )
-    squashed = resize_summary(resized, scored, detector.image_size)
-    if squashed:
-        print(squashed)
-    if detector.ood is None:
-        print(f"Out of domain: {NO_OOD_MODEL}")
-    else:
-        print(
-            f"{flagged} of {scored} images are unlike the training data (in_domain=false): "
-            "their labels are unreliable"
-        )
+    _print_notes(detector, scored, len(skipped), resized, flagged)
     return {
         "output": str(out),
         "n": len(paths),

@@ -65,6 +65,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    _log_hparams(trainer, cfg, metrics)
     if trainer.is_global_zero and getattr(datamodule, "source_names", None):
         _report_sources(metrics, datamodule.source_names, output_dir)
     if trainer.interrupted:
@@ -124,6 +125,26 @@ def _fit_ood(
             info["val_images"],
         )
     trainer.strategy.barrier()
+
+
+def _log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, float]) -> None:
+    """The run's row in TensorBoard's HParams tab: its data, model and trainer settings with
+    its final validation metrics and the best checkpoint's score (detector.tensorboard)."""
+    params: dict[str, object] = {"seed": cfg.get("seed")}
+    for group in ("data", "model", "trainer"):
+        values = OmegaConf.to_container(cfg.get(group) or {}, resolve=True)
+        for key, value in (values or {}).items():  # type: ignore[union-attr]
+            if key != "_target_" and not isinstance(value, dict):
+                params[f"{group}.{key}"] = (
+                    value if isinstance(value, int | float | str | bool) else str(value)
+                )
+    final = {k.replace("/", "_"): v for k, v in metrics.items() if k.startswith("val/")}
+    callback = trainer.checkpoint_callback
+    if callback is not None and getattr(callback, "best_model_score", None) is not None:
+        final["best_val_auroc"] = float(callback.best_model_score)
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_final") and final:
+            logger.log_final(params, final)
 
 
 def _report_sources(metrics: dict[str, float], names: list[str], output_dir: Path) -> None:

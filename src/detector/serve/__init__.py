@@ -1,0 +1,1 @@
+"""The detection service (``serve.py``): LitServe API, upload checks, the static page."""
