@@ -133,7 +133,7 @@ def train_row(row: Row, overrides: list[str], out: Path) -> str:
     with open_dict(cfg):
         for key, value in row.settings.items():
             cfg.data[key] = value
-    print(f"[train] {row.name} on {', '.join(row.seen)}", flush=True)
+    print(f"cross: train {row.name} on {', '.join(row.seen)}", flush=True)
     start = time.perf_counter()
     metrics = train(cfg)
     seconds = time.perf_counter() - start
@@ -143,7 +143,7 @@ def train_row(row: Row, overrides: list[str], out: Path) -> str:
     last = metrics.get("val/auroc")
     info = {"best": best, "seconds": round(seconds, 1), "last_val_auroc": last}
     atomic_write_text(done, json.dumps(info, indent=2) + "\n")
-    print(f"[train] {row.name}: {seconds:.0f} s, last val AUROC {last:.4f}", flush=True)
+    print(f"cross: train {row.name}: {seconds:.0f} s, last val AUROC {last:.4f}", flush=True)
     return best
 
 
@@ -157,7 +157,7 @@ def eval_cell(row: Row, test: Source, ckpt: str, overrides: list[str], out: Path
     cell = {k: report[k] for k in CELL_KEYS} | {"ckpt": ckpt}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(cell, indent=2) + "\n")
-    print(f"[eval]  {row.name} -> {test.name}: AUROC {cell['auroc']:.4f}", flush=True)
+    print(f"cross: eval {row.name} -> {test.name}: AUROC {cell['auroc']:.4f}", flush=True)
     return cell
 
 

@@ -43,8 +43,8 @@ def test_matrix_is_written_and_resumed_cell_by_cell(two_sources, tmp_path):
     ]
     first = run_script(SCRIPT, *args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert first.stdout.count("[train]") == 4  # two models: start and end lines
-    assert first.stdout.count("[eval]") == 4
+    assert first.stdout.count("cross: train") == 4  # two models: start and end lines
+    assert first.stdout.count("cross: eval") == 4
     with (out / "matrix.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["train"], r["test"]) for r in rows] == [
@@ -70,13 +70,13 @@ def test_matrix_is_written_and_resumed_cell_by_cell(two_sources, tmp_path):
 
     again = run_script(SCRIPT, *args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "[train]" not in again.stdout and "[eval]" not in again.stdout
+    assert "cross: train" not in again.stdout and "cross: eval" not in again.stdout
     assert (out / "matrix.md").read_text() == md
 
     (out / "cells" / "b__a.json").unlink()
     third = run_script(SCRIPT, *args, cwd=tmp_path)
-    assert "[train]" not in third.stdout
-    assert third.stdout.count("[eval]") == 1 and "[eval]  b -> a" in third.stdout
+    assert "cross: train" not in third.stdout
+    assert third.stdout.count("cross: eval") == 1 and "cross: eval b -> a" in third.stdout
     assert (out / "matrix.md").read_text() == md
 
 

@@ -92,7 +92,7 @@ def test_a_folder_the_map_does_not_cover_is_named(genimage, tmp_path):
     shutil.copytree(genimage, root)
     shutil.copytree(root / "train" / "ai", root / "train" / "midjourney")
     with pytest.raises(
-        ConfigError, match=r"train/midjourney holds images.*data.class_map.midjourney="
+        ConfigError, match=r"train/midjourney holds images.*add \+data.class_map.midjourney="
     ):
         _setup(root=str(root), class_map=found_map())
     shutil.copytree(root / "train" / "ai", tmp_path / "only_ai" / "ai")

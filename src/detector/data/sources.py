@@ -77,8 +77,8 @@ def class_folders(folder: str | Path, class_map: Mapping[str, str] | None = None
         here = Path(dirpath)
         if here != folder and any(Path(f).suffix.lower() in IMAGE_EXTENSIONS for f in filenames):
             raise ConfigError(
-                f"{display(here)} holds images but data.class_map has no key {here.name!r}: set "
-                f"data.class_map.{here.name}=<one of {', '.join(classes)}> (or move it out)"
+                f"{display(here)} holds images but data.class_map has no key {here.name!r}: add "
+                f"+data.class_map.{here.name}=<one of {', '.join(classes)}> (or move it out)"
             )
         keep = []
         for name in sorted(d for d in dirnames if not is_ignored(d)):
