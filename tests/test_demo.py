@@ -13,13 +13,16 @@ import re
 import time
 from pathlib import Path
 
+import hydra
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from detector.data import demo, synthesis
-from tests.conftest import run_script
+from detector.data.demo_module import DemoDataModule
+from detector.errors import ConfigError
+from tests.conftest import compose_config, run_script
 
 SMALL = {"train_per_class": 12, "test_per_class": 4}
 
@@ -235,3 +238,45 @@ def test_default_run_learns_the_demo_set(tmp_path: Path) -> None:
     )
     assert again["auroc"] == pytest.approx(report["auroc"], abs=1e-6)
     assert again["accuracy"] == pytest.approx(report["accuracy"], abs=1e-6)
+
+
+def test_second_generator_is_a_different_decoder(tmp_path: Path, quick: None) -> None:
+    """data=demo_b: the same REAL crops for a seed, FAKE from nearest upsampling + conv."""
+    nearest = synthesis.AutoEncoder(decoder="nearest")
+    kinds = {type(m).__name__ for m in nearest.decoder}
+    assert "Upsample" in kinds and "ConvTranspose2d" not in kinds
+    assert nearest(torch.rand(2, 3, 32, 32)).shape == (2, 3, 32, 32)
+    a = _files(demo.make_demo(tmp_path / "a", seed=3, progress=False, **SMALL))
+    b = _files(demo.make_demo(tmp_path / "b", seed=3, progress=False, decoder="nearest", **SMALL))
+    again = _files(
+        demo.make_demo(tmp_path / "c", seed=3, progress=False, decoder="nearest", **SMALL)
+    )
+    assert b == again  # deterministic
+    real = [k for k in a if "/REAL/" in k]
+    fake = [k for k in a if "/FAKE/" in k]
+    assert all(a[k] == b[k] for k in real)
+    assert all(a[k] != b[k] for k in fake)
+    assert demo.read_stamp(tmp_path / "b")["decoder"] == "nearest"
+    with pytest.raises(ValueError, match="decoder='conv' must be one of transposed, nearest"):
+        demo.make_demo(tmp_path / "d", progress=False, decoder="conv", **SMALL)
+
+
+def test_sets_stamped_before_the_second_decoder_are_kept(tmp_path: Path, quick: None) -> None:
+    out = demo.ensure_demo(tmp_path / "demo", seed=0, progress=False, **SMALL)
+    stamp = json.loads((out / demo.STAMP_NAME).read_text())
+    del stamp["decoder"]
+    (out / demo.STAMP_NAME).write_text(json.dumps(stamp))
+    before = _mtimes(out)
+    demo.ensure_demo(out, seed=0, progress=False, **SMALL)
+    assert _mtimes(out) == before  # read as the transposed decoder: not rebuilt
+    demo.ensure_demo(out, seed=0, progress=False, decoder="nearest", **SMALL)
+    assert demo.read_stamp(out)["decoder"] == "nearest"
+
+
+def test_demo_b_config_selects_the_nearest_decoder(tmp_path: Path) -> None:
+    cfg = compose_config("train", tmp_path, ["data=demo_b"])
+    assert cfg.data.demo_generator == "nearest" and cfg.data.root.endswith("/data/demo_b")
+    dm = hydra.utils.instantiate(cfg.data)
+    assert dm.demo_sizes["decoder"] == "nearest"
+    with pytest.raises(ConfigError, match="data.demo_generator='x' must be one of"):
+        DemoDataModule(root=str(tmp_path), demo_generator="x")

@@ -76,7 +76,7 @@ def test_help_shows_the_keys_that_command_reads_with_their_meaning(tmp_path):
     assert "max_pixels=89478485" in out and "refused from their header" in out
     assert "Groups" not in out and "data." not in out and "trainer" not in out
     train = run_script("train.py", "data=demo_hr", "--help", cwd=tmp_path).stdout
-    assert "data        cifake, demo, demo_hr*, imagefolder" in train
+    assert "data        cifake, demo, demo_b, demo_hr*, forensynths, genimage, imagefolder" in train
     assert "data.input=crop" in train and "native resolution" in train
     assert "trainer.max_epochs=" in train and "callbacks.ema=null" in train
 

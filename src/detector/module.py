@@ -31,6 +31,7 @@ from detector.distributed import gather_rows
 from detector.errors import ConfigError
 from detector.evaluation.metrics import THRESHOLD_RULES, fit_threshold
 from detector.evaluation.ood import OODModel
+from detector.evaluation.per_source import source_metrics
 from detector.model import NET_DEFAULTS, NET_SETTINGS, SEClassifier
 
 
@@ -243,15 +244,17 @@ class DetectorModule(L.LightningModule):
         saves, in ``on_validation_end``, so the checkpoint of these weights holds it)."""
         self._log_epoch_metrics("val")
         trainer = self.trainer
-        if (
-            self.hparams.threshold_rule == "fixed"
-            or trainer.sanity_checking
-            or trainer.state.fn != "fit"
-            or not self.val_probs
-        ):
+        # Several training sources (data.train_dirs): the source of each validation image
+        sources = getattr(trainer.datamodule, "val_sources", None)
+        refit = self.hparams.threshold_rule != "fixed" and trainer.state.fn == "fit"
+        if trainer.sanity_checking or not self.val_probs or not (refit or sources is not None):
             return
         probs = gather_rows(trainer, torch.cat(self.val_probs))
         targets = gather_rows(trainer, torch.cat(self.val_targets))
+        if sources is not None:
+            self._log_source_metrics(probs, targets, sources)
+        if not refit:
+            return
         try:
             threshold, info = fit_threshold(
                 probs,
@@ -269,6 +272,17 @@ class DetectorModule(L.LightningModule):
         self.threshold_fit = {**info, "split": "val", "epoch": int(self.current_epoch)}
         # The same value on every rank (all fitted on the gathered predictions): no sync.
         self.log("val/threshold", threshold, on_epoch=True)
+
+    def _log_source_metrics(
+        self, probs: torch.Tensor, targets: torch.Tensor, sources: torch.Tensor
+    ) -> None:
+        """``val/<source>/auroc``, ...: from the gathered predictions, the same on every rank."""
+        if len(sources) != len(probs):  # e.g. trainer.limit_val_batches: not every image seen
+            rank_zero_warn("per-source validation metrics skipped: not every image was scored")
+            return
+        names = self.trainer.datamodule.source_names
+        values = source_metrics(probs, targets, sources, names, self.hparams.positive_class)
+        self.log_dict(values, on_step=False, on_epoch=True)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["threshold_fit"] = self.threshold_fit

@@ -31,12 +31,22 @@ from detector.data.decode import (
     DEFAULT_MIN_SIZE,
     IMAGE_EXTENSIONS,
 )
-from detector.data.folders import find_classes, split_indices
+from detector.data.folders import split_indices
+from detector.data.layout import check_layout
 from detector.data.scan import (
     ScanResult,
     log_bad_files,
     scan_folder,
     write_report,
+)
+from detector.data.settings import check_loader_settings
+from detector.data.sources import (
+    ClassFolders,
+    SourceWeightedSampler,
+    check_class_map,
+    check_source_weights,
+    class_folders,
+    name_sources,
 )
 from detector.data.tiles import DEFAULT_MAX_TILES
 from detector.errors import ConfigError, DataError
@@ -45,39 +55,12 @@ from detector.files import display
 log = logging.getLogger(__name__)
 
 
-def _check_settings(
-    image_size: int,
-    batch_size: int,
-    num_workers: int,
-    max_pixels: int,
-    min_size: int,
-    decode_size: int | None,
-    shift: int,
-) -> None:
-    for name, value in (("max_pixels", max_pixels), ("min_size", min_size)):
-        if not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"data.{name}={value} must be a positive integer")
-    for name, value in (("image_size", image_size), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"data.{name}={value} must be a positive integer")
-    if num_workers < 0:
-        raise ConfigError(f"data.num_workers={num_workers} must be >= 0")
-    if decode_size is not None and (not isinstance(decode_size, int) or decode_size <= 0):
-        raise ConfigError(f"data.decode_size={decode_size} must be a positive integer or null")
-    if not isinstance(shift, int) or shift < 0:
-        raise ConfigError(f"data.shift={shift} must be a whole number of pixels >= 0")
-    decoded = decode_size or image_size
-    if shift >= decoded:
-        raise ConfigError(
-            f"data.shift={shift} must be smaller than the images the loader decodes "
-            f"({decoded} px, data.decode_size or data.image_size)"
-        )
-
-
 class ImageFolderDataModule(L.LightningDataModule):
     """``root/train/{A,B}`` split 80/20 into train/val, and ``root/test/{A,B}`` when present.
 
     ``batch_size`` is the global batch: each of N devices gets ``batch_size / N``.
+    ``train_dirs`` ({name: folder} or a list) trains on several sources, each split with the
+    same seed rule; ``class_map`` names the class folders (:mod:`detector.data.sources`).
     """
 
     def __init__(
@@ -105,11 +88,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         input: str = "resize",
         max_tiles: int = DEFAULT_MAX_TILES,
+        train_dirs=None,
+        class_map=None,
+        source_weights=None,
     ) -> None:
         """One piece: ``input``: ``resize`` (images to ``image_size``) or ``crop`` (native
         random crops for training, tiles for validation and test: detector.data.contract)."""
         super().__init__()
-        _check_settings(
+        check_loader_settings(
             image_size, batch_size, num_workers, max_pixels, min_size, decode_size, shift
         )
         check_input(input, image_size, max_tiles, "mean", "data.")
@@ -122,6 +108,18 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.max_tiles = max_tiles
         self.train_dir = Path(train_dir) if train_dir else (Path(root) / "train" if root else None)
         self.root = Path(root) if root else None
+        self.class_map = check_class_map(class_map)
+        if train_dirs and train_dir:
+            raise ConfigError("set data.train_dirs (several sources) or data.train_dir, not both")
+        # Several sources: [(name, folder)]; validation then also logs val/<name>/... per source.
+        self.sources = name_sources(train_dirs) if train_dirs else []
+        if self.sources:
+            self.train_dir = self.sources[0][1]
+        elif source_weights is not None:
+            raise ConfigError("data.source_weights weighs the sources of data.train_dirs: set both")
+        self.source_weights = check_source_weights(source_weights, [n for n, _ in self.sources])
+        self.train_source_index: list[int] = []  # per training sample (several sources only)
+        self.val_sources: torch.Tensor | None = None  # per validation sample, in order
         self._test_dir = Path(test_dir) if test_dir else None
         self.val_fraction = val_fraction
         self.seed = seed
@@ -185,40 +183,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         test/, a missing or third class folder, classes that differ between train and test (also
         only in case). ``stage="test"`` checks the test folder alone (eval needs no train/).
         Returns the class names."""
-        if self.makes_root and self.root is not None and not self.root.exists():
-            return []
-        if self.root is not None and not self.root.is_dir():
-            raise DataError(f"data.root={self.root} does not exist or is not a folder")
-        classes = None
-        if stage != "test":
-            if self.train_dir is None:
-                raise ConfigError("set data.root (holding train/ and test/) or data.train_dir")
-            if not self.train_dir.is_dir():
-                what = "data.train_dir=" if self.root is None else "no train folder "
-                raise DataError(
-                    f"{what}{self.train_dir} does not exist: the data must be laid out as "
-                    "train/<CLASS>/*.jpg (and optionally test/<CLASS>/*.jpg) under data.root"
-                )
-            classes = find_classes(self.train_dir)
-        if self._test_dir is not None and not self._test_dir.is_dir():
-            raise DataError(f"data.test_dir={self._test_dir} does not exist or is not a folder")
-        if stage in ("test", None) and self.test_dir is not None:
-            test_classes = find_classes(self.test_dir)
-            reference = classes or self.classes
-            if reference and test_classes != reference:
-                lower = sorted(c.lower() for c in reference)
-                if sorted(c.lower() for c in test_classes) == lower:
-                    raise DataError(
-                        f"class folders differ only in case: test folder {self.test_dir} has "
-                        f"{test_classes} but train folder {self.train_dir} has {reference}; "
-                        "rename them to match exactly (folder names are the labels)"
-                    )
-                raise DataError(
-                    f"test folder {self.test_dir} has classes {test_classes} but train folder "
-                    f"{self.train_dir} has {reference}: they must be the same"
-                )
-            classes = classes or test_classes
-        return classes or []
+        return check_layout(self, stage)
 
     def _is_global_zero(self) -> bool:
         if self.trainer is not None:
@@ -271,9 +236,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         (Nothing to do without a trainer: ``setup`` alone scans what it needs.)"""
         if self.trainer is None:
             return
-        for folder in (self.train_dir, self.test_dir):
+        for folder in (*(f for _, f in self.train_sources), self.test_dir):
             if folder is not None and folder.is_dir():
-                classes = find_classes(folder)
+                classes = list(self.class_folders(folder).folders)
                 self._prepared[folder] = scan_folder(
                     folder, classes, self.max_pixels, self.min_size, workers=self.scan_workers
                 )
@@ -281,25 +246,42 @@ class ImageFolderDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", "validate", None) and self.train_set is None:
             self.check_layout(stage)
-            self.classes = find_classes(self.train_dir)
-            result = self._scan("train", self.train_dir, self.classes)
-            samples = [(p, i) for i, name in enumerate(self.classes) for p in result.good[name]]
-            train_idx, val_idx = split_indices(len(samples), self.val_fraction, self.seed)
+            train, val, val_sources = [], [], []
+            for k, (name, folder) in enumerate(self.train_sources):
+                found = self.class_folders(folder)
+                self.classes = found.classes
+                split = f"train/{name}" if self.sources else "train"
+                samples = found.samples(self._scan(split, folder, list(found.folders)).good)
+                train_idx, val_idx = split_indices(len(samples), self.val_fraction, self.seed)
+                train += [samples[i] for i in train_idx]
+                val += [samples[i] for i in val_idx]
+                self.train_source_index += [k] * len(train_idx) if self.sources else []
+                val_sources += [k] * len(val_idx)
             self.train_set = self._dataset(
-                [samples[i] for i in train_idx],
-                self.train_dir,
-                self.hflip,
-                self.train_transform,
-                train=True,
+                train, self.train_dir, self.hflip, self.train_transform, train=True
             )
-            self.val_set = self._dataset([samples[i] for i in val_idx], self.train_dir)
+            self.val_set = self._dataset(val, self.train_dir)
+            if self.sources:
+                self.val_sources = torch.tensor(val_sources, dtype=torch.long)
         if stage in ("test", None) and self.test_set is None and self.test_dir is not None:
             self.check_layout("test")
-            classes = find_classes(self.test_dir)
-            self.classes = classes
-            result = self._scan("test", self.test_dir, classes)
-            samples = [(p, i) for i, name in enumerate(classes) for p in result.good[name]]
-            self.test_set = self._dataset(samples, self.test_dir)
+            found = self.class_folders(self.test_dir)
+            self.classes = found.classes
+            result = self._scan("test", self.test_dir, list(found.folders))
+            self.test_set = self._dataset(found.samples(result.good), self.test_dir)
+
+    @property
+    def train_sources(self) -> list[tuple[str, Path]]:
+        """[(name, folder)] of the training sources: ``data.train_dirs``, else the one folder."""
+        return self.sources or ([("train", self.train_dir)] if self.train_dir else [])
+
+    @property
+    def source_names(self) -> list[str]:
+        """Names of several training sources (empty for one): val/<name>/... metric tags."""
+        return [name for name, _ in self.sources]
+
+    def class_folders(self, folder: Path) -> ClassFolders:
+        return class_folders(folder, self.class_map)
 
     def _dataset(
         self, samples, folder: Path, hflip: bool = False, transform=None, train: bool = False
@@ -374,6 +356,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         # The last incomplete global batch is dropped, as on one device.
         drop_last = len(self.train_set) > self.batch_size
         world, rank = self._world()
+        if self.source_weights is not None:  # data.source_weights: each source its share
+            sampler = SourceWeightedSampler(
+                self.train_source_index, self.source_weights, self.seed, world, rank, drop_last
+            )
+            return self._loader(self.train_set, drop_last=drop_last, sampler=sampler)
         if world == 1:
             return self._loader(self.train_set, shuffle=True, drop_last=drop_last)
         # Equal shard sizes on every rank (padded when not dropping) keep DDP's gradient syncs

@@ -34,6 +34,7 @@ from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from detector.data.synthesis import (
+    DECODERS,
     GEN_TRAIN_CROPS,
     IMAGE_SIZE,
     TRAIN_STEPS,
@@ -96,9 +97,14 @@ def read_stamp(out: str | Path) -> dict[str, Any] | None:
 
 
 def _wanted_stamp(
-    seed: int, train_per_class: int, test_per_class: int, image_size: int = IMAGE_SIZE
+    seed: int,
+    train_per_class: int,
+    test_per_class: int,
+    image_size: int = IMAGE_SIZE,
+    decoder: str = "transposed",
 ) -> dict[str, Any]:
     return {
+        "decoder": decoder,
         "generator": _GENERATOR_NAME,
         "version": GENERATOR_VERSION,
         "seed": seed,
@@ -112,6 +118,7 @@ def _wanted_stamp(
 def _is_current(stamp: dict[str, Any] | None, wanted: dict[str, Any]) -> bool:
     if stamp is None:
         return False
+    stamp = {"decoder": "transposed", **stamp}  # sets made before there was a second decoder
     return all(stamp.get(k) == v for k, v in wanted.items())
 
 
@@ -195,6 +202,7 @@ def _build(
     test_per_class: int,
     progress: bool,
     image_size: int = IMAGE_SIZE,
+    decoder: str = "transposed",
 ) -> None:
     """One piece: crops, the generator trained on 32 px crops (native ones for the
     high-resolution set; it is fully convolutional, so it decodes any size), then the files."""
@@ -213,7 +221,7 @@ def _build(
             fake_src = _crops(sources, per_class, image_size, rng)
             tick()
         with stages.stage("training generator", TRAIN_STEPS) as tick:
-            model = train_generator(gen_crops, TRAIN_STEPS, gen, tick)
+            model = train_generator(gen_crops, TRAIN_STEPS, gen, tick, decoder)
         fake = generate_fakes(model, fake_src, gen)
         with stages.stage("writing", 2 * per_class) as tick:
             for cls, arrs in (("FAKE", fake), ("REAL", real)):
@@ -227,7 +235,7 @@ def _build(
                         save_jpeg(arrs[i], folder / f"{i - lo:05d}.jpg")
                         tick()
     # Written last: a folder without a stamp is never mistaken for a complete demo set.
-    stamp = _wanted_stamp(seed, train_per_class, test_per_class, image_size)
+    stamp = _wanted_stamp(seed, train_per_class, test_per_class, image_size, decoder)
     (tmp / STAMP_NAME).write_text(json.dumps(stamp, indent=2) + "\n")
 
 
@@ -286,6 +294,7 @@ def make_demo(
     train_per_class: int = DEFAULT_TRAIN_PER_CLASS,
     test_per_class: int = DEFAULT_TEST_PER_CLASS,
     image_size: int = IMAGE_SIZE,
+    decoder: str = "transposed",
 ) -> Path:
     """(Re)build the demo set at `out`, replacing only a folder that is itself a demo set.
 
@@ -301,13 +310,15 @@ def make_demo(
         raise ValueError("train_per_class and test_per_class must be >= 1")
     if image_size != IMAGE_SIZE and not 64 <= image_size <= MAX_HR_SIZE:
         raise ValueError(f"image_size={image_size}: 32, or 64 to {MAX_HR_SIZE} (native crops)")
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder={decoder!r} must be one of {', '.join(DECODERS)}")
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_builds(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     old: Path | None = None
     try:
-        _build(tmp, seed, train_per_class, test_per_class, progress, image_size)
+        _build(tmp, seed, train_per_class, test_per_class, progress, image_size, decoder)
         if out.exists():
             _check_replaceable(out)  # again: someone may have put data there meanwhile
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -329,6 +340,7 @@ def ensure_demo(
     train_per_class: int = DEFAULT_TRAIN_PER_CLASS,
     test_per_class: int = DEFAULT_TEST_PER_CLASS,
     image_size: int = IMAGE_SIZE,
+    decoder: str = "transposed",
 ) -> Path:
     """Return `out`, building it only when missing or stamped by another version, seed or size.
 
@@ -336,7 +348,7 @@ def ensure_demo(
     every start. Rank gating in distributed runs is the caller's job.
     """
     out = Path(out).expanduser().absolute()
-    wanted = _wanted_stamp(seed, train_per_class, test_per_class, image_size)
+    wanted = _wanted_stamp(seed, train_per_class, test_per_class, image_size, decoder)
     if _is_current(read_stamp(out), wanted):
         return out
     return make_demo(
@@ -346,6 +358,7 @@ def ensure_demo(
         train_per_class=train_per_class,
         test_per_class=test_per_class,
         image_size=image_size,
+        decoder=decoder,
     )
 
 
@@ -361,6 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--image-size", type=int, default=IMAGE_SIZE, help="32, or 64-1024 for native crops"
     )
+    parser.add_argument("--decoder", choices=DECODERS, default="transposed", help="the generator")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -371,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
         train_per_class=args.train_per_class,
         test_per_class=args.test_per_class,
         image_size=args.image_size,
+        decoder=args.decoder,
     )
     print(
         f"demo set v{GENERATOR_VERSION} (seed {args.seed}) written to {out} in "

@@ -11,7 +11,9 @@ from detector.data.demo import (
     STAMP_NAME,
     ensure_demo,
 )
+from detector.data.synthesis import DECODERS
 from detector.data.synthesis import IMAGE_SIZE as DEMO_IMAGE_SIZE
+from detector.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +32,21 @@ class DemoDataModule(ImageFolderDataModule):
         demo_image_size: int = DEMO_IMAGE_SIZE,
         demo_train_per_class: int = DEFAULT_TRAIN_PER_CLASS,
         demo_test_per_class: int = DEFAULT_TEST_PER_CLASS,
+        demo_generator: str = "transposed",
         **kwargs,
     ) -> None:
         """``demo_image_size`` 32: the CIFAKE-shaped set; larger: the high-resolution set
-        (``data=demo_hr``: native crops of the photographs, for crop models)."""
+        (``data=demo_hr``: native crops of the photographs, for crop models).
+        ``demo_generator``: the FAKE images' decoder, ``transposed`` (transposed convolutions)
+        or ``nearest`` (nearest-neighbour upsampling + convolution, ``data=demo_b``)."""
         super().__init__(root=root, **kwargs)
+        if demo_generator not in DECODERS:
+            raise ConfigError(
+                f"data.demo_generator={demo_generator!r} must be one of {', '.join(DECODERS)}"
+            )
         self.demo_seed = demo_seed
         self.demo_sizes = {
+            "decoder": demo_generator,
             "image_size": demo_image_size,
             "train_per_class": demo_train_per_class,
             "test_per_class": demo_test_per_class,

@@ -33,16 +33,28 @@ LR = 2e-3
 LATENT_NOISE = 0.25
 
 
+# The demo's generators, by decoder: how each doubles the resolution
+DECODERS = ("transposed", "nearest")
+
+
 class AutoEncoder(nn.Module):
-    """Tiny conv autoencoder; the decoder upsamples with stride-2 transposed convolutions.
+    """Tiny conv autoencoder; the decoder upsamples with stride-2 transposed convolutions
+    (``decoder="transposed"``, the demo set) or nearest-neighbour upsampling + a 3x3
+    convolution (``"nearest"``, ``data=demo_b``).
 
     Those layers are the point: overlapping 4x4 kernels at stride 2 leave the periodic
-    (checkerboard) patterns found in GAN and latent-diffusion decoder outputs. The 8x8x8
-    bottleneck (6x smaller than the image) drops some fine detail, as generators do, but
-    not so much that blur alone (or JPEG file size) would give the label away.
+    (checkerboard) patterns found in GAN and latent-diffusion decoder outputs; nearest
+    upsampling leaves blocky 2x2 structure instead, smoothed by the convolution after it: a
+    different trace, so the two demo sets are two generators for the cross-generator matrix.
+    The 8x8x8 bottleneck (6x smaller than the image) drops some fine detail, as generators do,
+    but not so much that blur alone (or JPEG file size) would give the label away.
     """
 
-    def __init__(self, widths: tuple[int, ...] = (16, 32), latent: int = 8) -> None:
+    def __init__(
+        self, widths: tuple[int, ...] = (16, 32), latent: int = 8, decoder: str = "transposed"
+    ) -> None:
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder={decoder!r} must be one of {', '.join(DECODERS)}")
         super().__init__()
         enc: list[nn.Module] = []
         channels = 3
@@ -53,7 +65,11 @@ class AutoEncoder(nn.Module):
         dec: list[nn.Module] = []
         channels = latent
         for width in reversed(widths):
-            dec += [nn.ConvTranspose2d(channels, width, 4, stride=2, padding=1), nn.ReLU()]
+            if decoder == "transposed":
+                dec += [nn.ConvTranspose2d(channels, width, 4, stride=2, padding=1), nn.ReLU()]
+            else:
+                up = nn.Upsample(scale_factor=2, mode="nearest")
+                dec += [up, nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
             channels = width
         dec += [nn.Conv2d(channels, 3, 3, padding=1), nn.Sigmoid()]
         self.encoder = nn.Sequential(*enc)
@@ -72,9 +88,10 @@ def train_generator(
     steps: int,
     gen: torch.Generator,
     tick: Callable[[], None] | None = None,
+    decoder: str = "transposed",
 ) -> AutoEncoder:
     """Train on REAL crops only, so FAKE content and colours come from the REAL distribution."""
-    model = AutoEncoder()
+    model = AutoEncoder(decoder=decoder)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     data = to_tensor(crops)
     model.train()

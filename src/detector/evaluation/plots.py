@@ -74,19 +74,25 @@ def plot_history(
     history: Sequence[Mapping[str, float]], best_epoch: int | None = None
 ) -> plt.Figure:
     """The seed's training-history figure, train vs val, plus F1 and AUROC (the metric that
-    picks the checkpoint). Epochs are numbered as in checkpoint names (``epoch000`` is the
-    first); ``best_epoch``, the best checkpoint's, is marked on every panel."""
+    picks the checkpoint), and dotted, the validation of each training source when there are
+    several (``val/<source>/acc``, ...). Epochs are numbered as in checkpoint names
+    (``epoch000`` is the first); ``best_epoch``, the best checkpoint's, is marked on every
+    panel."""
     fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
     epochs = [int(h["epoch"]) for h in history]
+    sources = list(dict.fromkeys(k.split("/")[1] for h in history for k in h if k.count("/") == 2))
     for ax, (key, label) in zip(axes.flat, HISTORY_PANELS.items(), strict=True):
-        for stage in ("train", "val"):
-            values = [h.get(f"{stage}/{key}") for h in history]
+        lines = [(s, f"{s}/{key}", "-") for s in ("train", "val")]
+        lines += [(f"val {s}", f"val/{s}/{key}", ":") for s in sources]
+        for name, tag, style in lines:
+            values = [h.get(tag) for h in history]
             if any(v is not None for v in values):
                 ax.plot(
                     epochs,
                     [float("nan") if v is None else v for v in values],
                     marker="o",
-                    label=stage,
+                    linestyle=style,
+                    label=name,
                 )
         if best_epoch is not None:
             best = f"best (epoch{best_epoch:03d})"

@@ -32,6 +32,8 @@ from detector.distributed import (
     launch_rank,
 )
 from detector.evaluation.ood import check_ood_settings, fit_on_data
+from detector.evaluation.per_source import source_rows, write_source_table
+from detector.evaluation.report import write_csv
 from detector.evaluation.results import write_test_report
 from detector.module import DetectorModule
 from detector.tasks.trainer import build_trainer
@@ -64,6 +66,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     _log_hparams(trainer, cfg, metrics)
+    if trainer.is_global_zero and getattr(datamodule, "source_names", None):
+        _report_sources(metrics, datamodule.source_names, output_dir)
     if trainer.interrupted:
         rank_zero_only(log.warning)("training was interrupted; last checkpoint: %s", best)
         return metrics
@@ -145,6 +149,16 @@ def _log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, float])
     for logger in trainer.loggers:
         if hasattr(logger, "log_final") and final:
             logger.log_final(params, final)
+
+
+def _report_sources(metrics: dict[str, float], names: list[str], output_dir: Path) -> None:
+    """Several training sources: the last validation pass per source, on screen and in
+    ``val_sources.md`` / ``val_sources.csv`` (the TensorBoard tags are ``val/<source>/...``)."""
+    rows = source_rows(metrics, names)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    table = write_source_table(rows, output_dir / "val_sources.md")
+    write_csv(rows, output_dir / "val_sources.csv")
+    print(f"\nValidation per training source (last epoch):\n{table}")
 
 
 def _resume_from(cfg: DictConfig) -> Path | None:

@@ -1,0 +1,109 @@
+"""The cross-generator matrix: one row per trained model, one column per test set, for AUROC,
+accuracy and average precision; as Markdown, CSV and a heatmap figure.
+
+Why this table: the field's first question is how a detector does on generators it never
+saw (GenImage, CNNDetection, UnivFD, NPR all report a train x test table); the diagonal is
+the seen case, the mean of the rest of a row the unseen one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from detector.evaluation.plots import save_figure
+from detector.evaluation.report import write_csv
+from detector.files import atomic_write_text
+
+# (column in the cells, title)
+METRICS = (("auroc", "AUROC"), ("accuracy", "accuracy"), ("average_precision", "AP"))
+Cells = Mapping[tuple[str, str], Mapping[str, float]]
+
+
+def _value(cells: Cells, row: str, col: str, key: str) -> float:
+    cell = cells.get((row, col))
+    return float(cell[key]) if cell and cell.get(key) is not None else math.nan
+
+
+def unseen_mean(cells: Cells, row: str, cols: Sequence[str], key: str, seen: Sequence[str]):
+    """Mean of ``key`` over the test sets of generators the row's model was not trained on."""
+    values = [_value(cells, row, c, key) for c in cols if c not in seen]
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def matrix_markdown(
+    cells: Cells,
+    rows: Sequence[str],
+    cols: Sequence[str],
+    seen: Mapping[str, Sequence[str]],
+    command: str,
+) -> str:
+    """One table per metric; cells of a test set the model trained on are in bold."""
+    parts = ["# Cross-generator matrix", "", f"`{command}`", ""]
+    parts.append("Rows: the training source(s); columns: the test set; **bold**: seen in training.")
+    for key, title in METRICS:
+        parts += ["", f"## {title}", ""]
+        parts.append("| train \\ test | " + " | ".join(cols) + " | unseen mean |")
+        parts.append("|---|" + "---:|" * (len(cols) + 1))
+        for row in rows:
+            cells_md = []
+            for col in cols:
+                v = _value(cells, row, col, key)
+                text = "-" if math.isnan(v) else f"{v:.4f}"
+                cells_md.append(f"**{text}**" if col in seen[row] else text)
+            mean = unseen_mean(cells, row, cols, key, seen[row])
+            cells_md.append("-" if math.isnan(mean) else f"{mean:.4f}")
+            parts.append(f"| {row} | " + " | ".join(cells_md) + " |")
+    return "\n".join(parts) + "\n"
+
+
+def matrix_figure(cells: Cells, rows: Sequence[str], cols: Sequence[str]) -> plt.Figure:
+    """A heatmap per metric, the value written in each cell; colours from 0.5 (chance for
+    AUROC and balanced classes) to 1."""
+    width = 1.2 + 0.8 * len(cols)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(width * len(METRICS), 1.2 + 0.7 * len(rows)))
+    for ax, (key, title) in zip(np.atleast_1d(axes), METRICS, strict=True):
+        data = np.array([[_value(cells, r, c, key) for c in cols] for r in rows])
+        ax.imshow(data, vmin=0.5, vmax=1.0, cmap="viridis")
+        for i in range(len(rows)):
+            for j in range(len(cols)):
+                v = data[i, j]
+                text = "-" if math.isnan(v) else f"{v:.3f}"
+                ax.text(j, i, text, ha="center", va="center", color="w" if v < 0.8 else "k")
+        ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set_xlabel("test")
+        ax.set_ylabel("train")
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def write_matrix(
+    cells: Cells,
+    rows: Sequence[str],
+    cols: Sequence[str],
+    seen: Mapping[str, Sequence[str]],
+    out: Path,
+    command: str,
+) -> dict[str, Path]:
+    """matrix.md, matrix.csv (one line per cell) and matrix.png in ``out``; returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / "matrix.md", "csv": out / "matrix.csv", "png": out / "matrix.png"}
+    atomic_write_text(paths["md"], matrix_markdown(cells, rows, cols, seen, command))
+    lines = [
+        {"train": r, "test": c, "seen": c in seen[r], "n": (cells.get((r, c)) or {}).get("n")}
+        | {key: _value(cells, r, c, key) for key, _ in METRICS}
+        for r in rows
+        for c in cols
+    ]
+    write_csv(lines, paths["csv"])
+    fig = matrix_figure(cells, rows, cols)
+    save_figure(fig, paths["png"])
+    plt.close(fig)
+    return paths

@@ -1,0 +1,101 @@
+"""The cross-generator protocol (scripts/cross_generator.py): a 2x2 train x test matrix as
+Markdown, CSV and PNG, resumed cell by cell."""
+
+import csv
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, TINY, make_image_folder, run_script
+
+SCRIPT = "scripts/cross_generator.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("cross_generator", ROOT / SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory):
+    base = tmp_path_factory.mktemp("sources")
+    return {
+        "a": make_image_folder(base / "a", n_train=12, n_test=6, seed=1),
+        "b": make_image_folder(base / "b", n_train=12, n_test=5, seed=2),
+    }
+
+
+def test_matrix_is_written_and_resumed_cell_by_cell(two_sources, tmp_path):
+    out = tmp_path / "cross"
+    args = [
+        "--sources",
+        ",".join(f"{name}={folder}" for name, folder in two_sources.items()),
+        "--out",
+        str(out),
+        "--eval",
+        "report.bootstrap_resamples=20",
+        *TINY,
+    ]
+    first = run_script(SCRIPT, *args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("cross: train") == 4  # two models: start and end lines
+    assert first.stdout.count("cross: eval") == 4
+    with (out / "matrix.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["train"], r["test"]) for r in rows] == [
+        ("a", "a"),
+        ("a", "b"),
+        ("b", "a"),
+        ("b", "b"),
+    ]
+    assert [r["n"] for r in rows] == ["12", "10", "12", "10"]
+    assert [r["seen"] for r in rows] == ["True", "False", "False", "True"]
+    for r in rows:  # each cell is eval.py's report of that model on that test set
+        report = json.loads(
+            (out / "evals" / f"{r['train']}__{r['test']}" / "metrics.json").read_text()
+        )
+        assert float(r["auroc"]) == pytest.approx(report["auroc"])
+        assert float(r["average_precision"]) == pytest.approx(report["average_precision"])
+    md = (out / "matrix.md").read_text()
+    assert "## AUROC" in md and "## AP" in md and "--sources a=" in md
+    aa = float(rows[0]["auroc"])
+    assert f"| a | **{aa:.4f}** |" in md
+    assert (out / "matrix.png").stat().st_size > 5000
+    assert "scripts/cross_generator.py --sources" in (out / "command.txt").read_text()
+
+    again = run_script(SCRIPT, *args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "cross: train" not in again.stdout and "cross: eval" not in again.stdout
+    assert (out / "matrix.md").read_text() == md
+
+    (out / "cells" / "b__a.json").unlink()
+    third = run_script(SCRIPT, *args, cwd=tmp_path)
+    assert "cross: train" not in third.stdout
+    assert third.stdout.count("cross: eval") == 1 and "cross: eval b -> a" in third.stdout
+    assert (out / "matrix.md").read_text() == md
+
+
+def test_leave_one_out_trains_on_the_other_sources(two_sources, tmp_path):
+    module = _script()
+    sources = module.parse_sources(",".join(f"{n}={f}" for n, f in two_sources.items()))
+    rows = module.plan_rows(sources, "leave-one-out", [], tmp_path)
+    assert [r.name for r in rows] == ["all-but-a", "all-but-b"]
+    assert rows[0].seen == ["b"]
+    assert rows[0].settings["train_dirs"] == {"b": str(two_sources["b"] / "train")}
+    assert rows[0].settings["class_map"] == {"FAKE": "FAKE", "REAL": "REAL"}
+
+
+def test_sources_are_checked(tmp_path):
+    module = _script()
+    assert [(s.name, s.option, s.root) for s in module.parse_sources("demo,x=genimage:/d")] == [
+        ("demo", "demo", None),
+        ("x", "genimage", "/d"),
+    ]
+    done = run_script(SCRIPT, "--sources", "demo,nosuch", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "error: --sources: 'nosuch' is neither a conf/data option nor NAME=FOLDER" in done.stderr
