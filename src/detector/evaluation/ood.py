@@ -33,7 +33,6 @@ import torch
 
 from detector.data.tiles import segment_mean
 from detector.errors import ConfigError
-from detector.evaluation.metrics import ranking_metrics, threshold_metrics
 
 FEATURES = ("hidden", "pooled")  # the head's ReLU activations, or the pooled backbone map
 # Ridge added to a shared covariance, relative to its mean variance: features of a small
@@ -274,6 +273,9 @@ def ood_summary(
 ) -> dict:
     """How many test images are flagged, and the metrics on all of them vs the in-domain ones
     (what the labels are worth where the detector does answer)."""
+    # torchmetrics takes a second to import: the report needs it, scoring does not
+    from detector.evaluation.metrics import ranking_metrics, threshold_metrics
+
     keep = ood.in_domain(scores)
     out = {
         "threshold": ood.threshold,

@@ -154,6 +154,8 @@ def evaluate(cfg: DictConfig) -> dict:
     Returns the first set's report (``accuracy``, ``auroc``, ... at top level) with ``table``
     (one row per set, plus the pooled "all" row) and ``sets`` / ``robustness`` when present.
     """
+    if cfg.get("ckpt"):
+        print(f"loading the model from {cfg.ckpt} ...", flush=True)
     model = load_checkpoint(cfg.get("ckpt"))
     output_dir = Path(cfg.paths.output_dir)
     settings = report_settings(cfg)

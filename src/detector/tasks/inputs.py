@@ -172,6 +172,8 @@ def image_paths(
     that found nothing. ``hint`` ends the task's own message. Files of a folder that are not
     images are counted and named in the log (and collected in ``skipped``)."""
     skipped = [] if skipped is None else skipped
+    if cfg.get("input") and Path(os.path.expanduser(str(cfg.input))).is_dir():
+        print(f"scanning {cfg.input} ...", flush=True)  # a large folder takes a while
     paths = resolve_inputs(cfg.get("input"), skipped)
     if skipped:
         shown = "; ".join(f"{p} ({why})" for p, why in skipped[:SKIPPED_SHOWN])
@@ -186,6 +188,7 @@ def image_paths(
 def load_detector(cfg: DictConfig) -> Detector:
     """Both tasks read the model alike, so ``threshold=null`` keeps the checkpoint's own (and
     ``max_tiles`` / ``aggregate``, where a task has them, the checkpoint's contract)."""
+    print(f"loading the model from {cfg.ckpt} ...", flush=True)
     return Detector.from_checkpoint(
         cfg.ckpt,
         device=cfg.device,

@@ -165,7 +165,8 @@ def predict(cfg: DictConfig) -> dict:
     loader = DataLoader(
         _Files(paths, detector.preprocessing, detector.max_pixels),
         batch_size=batch_size,
-        num_workers=int(cfg.num_workers),
+        # loader processes pay off from the second batch on; one image is decoded right here
+        num_workers=int(cfg.num_workers) if len(paths) > batch_size else 0,
         collate_fn=_collate,
     )
     counts = dict.fromkeys([*names, "flagged"], 0)
