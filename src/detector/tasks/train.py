@@ -20,6 +20,7 @@ from detector.checkpoint import (
     AtomicCheckpointIO,
     check_resume_checkpoint,
     load_checkpoint_file,
+    load_initial_weights,
     resolve_ckpt_path,
     run_folder_of,
     safe_loading,
@@ -31,6 +32,7 @@ from detector.distributed import (
     keep_files_to_rank_zero,
     launch_rank,
 )
+from detector.errors import ConfigError
 from detector.evaluation.ood import check_ood_settings, fit_on_data
 from detector.evaluation.results import write_test_report
 from detector.module import DetectorModule
@@ -54,8 +56,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if isinstance(datamodule, ImageFolderDataModule):
         datamodule.check_layout()  # folder mistakes before the model is even built
     model: DetectorModule = hydra.utils.instantiate(cfg.model)
+    if resume is not None and cfg.get("init_ckpt"):
+        raise ConfigError("ckpt_path resumes a run and init_ckpt starts a new one: set one")
     if resume is not None:
         check_resume_checkpoint(resume, model)
+    elif cfg.get("init_ckpt"):
+        load_initial_weights(model, cfg.init_ckpt)
     trainer = build_trainer(cfg, output_dir)
     _start_ranks(trainer, datamodule, sync_batchnorm=bool(cfg.trainer.get("sync_batchnorm")))
 
