@@ -49,6 +49,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_backbone(cfg.model.backbone)  # before the data scan, which can take a while
     if cfg.get("ood"):  # fitted after training: a typo must not cost the run
         check_ood_settings(str(cfg.ood.get("feature")), float(cfg.ood.get("quantile", 0.95)))
+    if cfg.get("ckpt_path") and cfg.get("init_ckpt"):
+        raise ConfigError("ckpt_path resumes a run and init_ckpt starts a new one: set one")
     resume = _resume_from(cfg)
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
@@ -56,8 +58,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if isinstance(datamodule, ImageFolderDataModule):
         datamodule.check_layout()  # folder mistakes before the model is even built
     model: DetectorModule = hydra.utils.instantiate(cfg.model)
-    if resume is not None and cfg.get("init_ckpt"):
-        raise ConfigError("ckpt_path resumes a run and init_ckpt starts a new one: set one")
     if resume is not None:
         check_resume_checkpoint(resume, model)
     elif cfg.get("init_ckpt"):
