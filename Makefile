@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install train eval test test-full lint format tensorboard demo-data bench bench-serve clean
+.PHONY: install train eval test test-full lint format tensorboard demo-data bench bench-decode bench-serve clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ tensorboard: install
 
 bench: install  ## images/s of every path vs the bare-PyTorch limit -> bench/results/latest.json
 	$(BIN)/python bench/run.py --means $(ARGS)
+	$(BIN)/python bench/decode.py
+
+bench-decode: install  ## large JPEGs (draft vs full decode) and checkpoint sizes: [CKPT=a trained 32 px ckpt]
+	$(BIN)/python bench/decode.py $(if $(CKPT),--ckpt $(CKPT))
 
 bench-serve: install  ## the service under load: make bench-serve [CKPT=path/to.ckpt] [ARGS=...]
 	$(BIN)/python bench/serve.py $(CKPT) $(ARGS)

@@ -88,12 +88,13 @@ def bad_ckpts(trained_run, tmp_path_factory):
 
 
 def test_a_real_checkpoint_loads_with_weights_only(trained_run):
-    for name in ("last.ckpt", trained_run["ckpt"].name):
-        checkpoint = torch.load(
-            trained_run["dir"] / "checkpoints" / name, weights_only=True
-        )  # no extra safe globals needed
-        assert {"state_dict", "optimizer_states", "loops", "callbacks"} <= set(checkpoint)
-        assert "ResumeRandomState" in checkpoint["callbacks"]
+    checkpoint = torch.load(
+        trained_run["dir"] / "checkpoints" / "last.ckpt", weights_only=True
+    )  # no extra safe globals needed
+    assert {"state_dict", "optimizer_states", "loops", "callbacks"} <= set(checkpoint)
+    assert "ResumeRandomState" in checkpoint["callbacks"]
+    # the best one is lean (tests/test_checkpoint_files.py), and loads the same way
+    assert "state_dict" in torch.load(trained_run["ckpt"], weights_only=True)
     model = load_checkpoint(trained_run["ckpt"])
     assert isinstance(model, DetectorModule) and model.hparams.backbone == "test_resnet"
 

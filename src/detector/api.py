@@ -94,9 +94,13 @@ class Detector:
         max_tiles: int | None = None,
         aggregate: str | None = None,
         max_pixels: int | None = None,
+        jpeg_draft: bool | None = None,
     ) -> None:
         """``max_tiles`` and ``aggregate`` (crop models): None keeps the checkpoint's;
-        ``max_pixels``: larger images are refused from their header (None: PIL's limit)."""
+        ``max_pixels``: larger images are refused from their header (None: PIL's limit);
+        ``jpeg_draft`` (resize models; None: True): JPEGs much larger than the model's input
+        are decoded at reduced size before the exact resize, as eval's loaders do; False
+        decodes every pixel (docs/speed.md: the tolerance)."""
         self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
         self.device = resolve_device(device)
         self.module = module.to(self.device).eval()
@@ -109,7 +113,7 @@ class Detector:
         self.class_names: list[str] = list(module.hparams.class_names)
         # How the network saw images in training; every input goes through it.
         self.preprocessing = Preprocessing.from_hparams(
-            module.hparams, max_tiles=max_tiles, aggregate=aggregate
+            module.hparams, max_tiles=max_tiles, aggregate=aggregate, jpeg_draft=jpeg_draft
         )
         self.image_size = self.preprocessing.image_size
         self.model_id = model_id
@@ -123,10 +127,14 @@ class Detector:
         threshold: float | None = None,
         **contract: Any,
     ) -> Detector:
-        """``threshold=None`` keeps the one stored in the checkpoint (fitted on validation);
-        ``contract``: ``max_tiles`` / ``aggregate`` overrides (None: the checkpoint's)."""
+        """A train.py checkpoint, or an ``export.py format=safetensors`` file.
+
+        ``threshold=None`` keeps the one stored in the checkpoint (fitted on validation);
+        ``contract``: ``max_tiles`` / ``aggregate`` overrides (None: the checkpoint's),
+        ``max_pixels``, ``jpeg_draft``."""
         module = _load_module(path)
-        return cls(module, device=device, threshold=threshold, model_id=file_hash(path), **contract)
+        model_id = getattr(module, "model_id", None) or file_hash(path)  # an export: its source's
+        return cls(module, device=device, threshold=threshold, model_id=model_id, **contract)
 
     def prepare(self, image: ImageInput) -> Prepared:
         """The network's input for one image, as eval builds it from a file, by the

@@ -17,11 +17,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from detector.checkpoint import lean_checkpoint
 from detector.errors import NonFiniteLossError
 from detector.evaluation.plots import plot_history, save_figure
 
@@ -296,6 +297,37 @@ class SaveOnInterrupt(L.Callback):
             file=sys.stderr,
             flush=True,
         )
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint whose files hold what scoring, eval and fine-tuning read
+    (:func:`detector.checkpoint.lean_checkpoint`): for ResNet50 with EMA and AdamW 98 MB
+    instead of 390 MB, and faster to write at every validation. ``lean=False``: complete files.
+
+    The checkpoint is assembled as for a complete file (so EMA puts its average into
+    ``state_dict``), then trimmed. Its state in ``last.ckpt`` keeps ModelCheckpoint's key, so
+    runs started before this class resume with their best-model bookkeeping."""
+
+    def __init__(self, *args: Any, lean: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lean = lean
+
+    @property
+    def state_key(self) -> str:
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__) :]
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        if not self.lean or self.save_weights_only:
+            return super()._save_checkpoint(trainer, filepath)
+        with trainer.profiler.profile("save_checkpoint"):
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            trainer.strategy.save_checkpoint(lean_checkpoint(checkpoint), filepath)
+            trainer.strategy.barrier("Trainer.save_checkpoint")
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(self)
 
 
 def training_callbacks() -> list[L.Callback]:

@@ -6,6 +6,9 @@
   where one would be added.
 * Saving: :class:`AtomicCheckpointIO` writes to a temporary file beside the target and renames
   it, so a crash or a full disk mid-save leaves the previous ``last.ckpt`` whole.
+* Best checkpoints are lean (:func:`lean_checkpoint`, written by
+  :class:`~detector.callbacks.BestCheckpoint`): weights and contract, no optimizer or loop
+  state; ``last.ckpt`` stays complete. ``init_ckpt`` starts a new run from any one's weights.
 * Resuming: ``ckpt_path=last`` finds the newest ``last.ckpt`` of earlier runs of the same task
   (the callbacks :class:`~detector.callbacks.ResumeRandomState` and
   :class:`~detector.callbacks.FiniteLossGuard` carry the random generators across and keep the
@@ -15,6 +18,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,11 @@ from detector.checkpoint_file import (  # noqa: F401 - re-exported: the names us
     NOT_OURS,
     RESUME_KEYS,
     SAFE_GLOBALS,
+    SAFETENSORS_META,
+    SAFETENSORS_SEP,
     load_checkpoint_file,
+    load_safetensors,
+    read_checkpoint,
     safe_loading,
 )
 from detector.checkpoint_file import check_is_detector as _check_is_detector
@@ -38,14 +46,61 @@ from detector.module import NET_SETTINGS, DetectorModule
 
 log = logging.getLogger(__name__)
 
+# What a lean (best) checkpoint keeps: the weights (the EMA average when EMA is on), the
+# hyper-parameters (network, preprocessing contract, threshold, class names), the threshold's
+# fit and the out-of-domain model: all that eval, predict, the API, export and a fine-tune from
+# its weights read. Dropped: optimizer and scheduler state, loop and callback state, the raw
+# weights under the EMA, precision-plugin state: what only resuming needs (last.ckpt has it).
+LEAN_KEYS = (
+    "state_dict",
+    "hyper_parameters",
+    "hparams_name",
+    "threshold_fit",
+    "ood",
+    "epoch",
+    "global_step",
+    "pytorch-lightning_version",
+)
+LEAN_MARK = "lean"  # the names of the keys a lean checkpoint dropped
+
+
+def _split_tensors(node: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(node, torch.Tensor):
+        tensors[path] = node.detach().cpu().contiguous().clone()  # no shared storage
+        return {"__tensor__": path}
+    if isinstance(node, dict):
+        return {
+            str(k): _split_tensors(v, f"{path}{SAFETENSORS_SEP}{k}", tensors)
+            for k, v in node.items()
+        }
+    if isinstance(node, list | tuple):
+        return [
+            _split_tensors(v, f"{path}{SAFETENSORS_SEP}{i}", tensors) for i, v in enumerate(node)
+        ]
+    return node
+
+
+def save_safetensors(checkpoint: dict[str, Any], path: Path, extra: dict[str, Any]) -> None:
+    """A (lean) checkpoint as one .safetensors file: every tensor in it (weights, the
+    out-of-domain model's Gaussians), the rest (hyper-parameters, threshold fit, ``extra``) as
+    JSON in its metadata. Written atomically; loads without pickle at all."""
+    from safetensors.torch import save  # deferred: only export writes this format
+
+    tensors: dict[str, torch.Tensor] = {}
+    meta = {k: _split_tensors(v, k, tensors) for k, v in lean_checkpoint(checkpoint).items()}
+    text = json.dumps({**extra, "checkpoint": meta})
+    with atomic_file(path, "wb", durable=True) as f:
+        f.write(save(tensors, metadata={SAFETENSORS_META: text}))
+
 
 def load_checkpoint(path: str | Path | None, map_location: str = "cpu"):
-    """A trained detector from a checkpoint, with a one-line error for every way that fails.
+    """A trained detector from a checkpoint (or export's ``.safetensors``), with a one-line
+    error for every way that fails.
 
     Used by eval, predict and export, so all three accept and refuse the same files. This is
     ``DetectorModule.load_from_checkpoint`` from a dict that was read once, safely.
     """
-    checkpoint = load_checkpoint_file(path, map_location)
+    checkpoint, extra = read_checkpoint(path, map_location)
     path = Path(path).expanduser()
     _check_is_detector(checkpoint, path, "ckpt")
     accepted = {*inspect.signature(DetectorModule.__init__).parameters, *NET_SETTINGS}
@@ -61,13 +116,47 @@ def load_checkpoint(path: str | Path | None, map_location: str = "cpu"):
     _compare_state(model, checkpoint["state_dict"], path, "ckpt")
     model.on_load_checkpoint(checkpoint)
     model.load_state_dict(checkpoint["state_dict"], strict=True)
+    # An export names the checkpoint it came from: predictions carry that model's id.
+    model.model_id = extra.get("model_id")
     return model.to(map_location)
+
+
+def lean_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint without what only resuming needs (see :data:`LEAN_KEYS`): for ResNet50
+    with EMA and AdamW about a quarter of the full file. The dropped keys are listed under
+    :data:`LEAN_MARK`, so a resume from it is refused with a clear reason."""
+    lean = {k: v for k, v in checkpoint.items() if k in LEAN_KEYS}
+    lean[LEAN_MARK] = sorted(str(k) for k in checkpoint if k not in LEAN_KEYS)
+    return lean
+
+
+def _lean_resume_error(path: Path, checkpoint: dict) -> CheckpointError:
+    last = path.parent / "last.ckpt"
+    where = f"{last}, " if last.is_file() else "the run's checkpoints/last.ckpt, "
+    return CheckpointError(
+        f"ckpt_path={path}: a best checkpoint, written without the training state "
+        f"({', '.join(checkpoint[LEAN_MARK]) or 'optimizer, loops'}), so training cannot "
+        f"resume from it; resume from {where}or start a new run from its weights with "
+        f"init_ckpt={path} (a fresh optimizer and schedule)"
+    )
+
+
+def load_initial_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """``init_ckpt``: a new run starts from a checkpoint's weights (any of this detector's,
+    lean or full); optimizer, schedule, threshold and out-of-domain model start afresh."""
+    checkpoint = load_checkpoint_file(path, "cpu", setting="init_ckpt")
+    path = Path(path).expanduser()
+    _check_is_detector(checkpoint, path, "init_ckpt")
+    _compare_state(model, checkpoint["state_dict"], path, "init_ckpt")
+    model.load_state_dict(checkpoint["state_dict"], strict=True)
 
 
 def check_resume_checkpoint(path: Path, model: torch.nn.Module) -> None:
     """Refuse, before training starts, a resume file that Lightning would fail on mid-way."""
     checkpoint = load_checkpoint_file(path, "cpu", setting="ckpt_path")
     _check_is_detector(checkpoint, path, "ckpt_path")
+    if LEAN_MARK in checkpoint:
+        raise _lean_resume_error(path, checkpoint)
     missing = [k for k in RESUME_KEYS if k not in checkpoint]
     if missing:
         raise CheckpointError(

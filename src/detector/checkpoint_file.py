@@ -6,6 +6,7 @@ the API, export, explain, the service) starts fast. Saving and resuming: :mod:`c
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import pickle
 import re
@@ -120,3 +121,51 @@ def compare_state(model: torch.nn.Module, state: dict, path: Path, setting: str)
         raise CheckpointError(
             f"{setting}={path}: a checkpoint of a different model: {'; '.join(parts)}"
         )
+
+
+# Tensors of a checkpoint in a .safetensors file are named by their path in the checkpoint's
+# dict, parts joined by this (state-dict keys hold dots); the rest is JSON in its metadata
+# (written by detector.checkpoint.save_safetensors).
+SAFETENSORS_SEP = "/"
+SAFETENSORS_META = "detector"
+
+
+def _join_tensors(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(node, dict):
+        if set(node) == {"__tensor__"}:
+            return tensors[node["__tensor__"]]
+        return {k: _join_tensors(v, tensors) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_join_tensors(v, tensors) for v in node]
+    return node
+
+
+def load_safetensors(path: Path, setting: str = "ckpt") -> tuple[dict[str, Any], dict]:
+    """The checkpoint dict :func:`save_safetensors` wrote, and its ``extra``."""
+    # deferred: only .safetensors checkpoints need it
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            text = (f.metadata() or {}).get(SAFETENSORS_META)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{setting}={path}: not a readable .safetensors file ({e})") from None
+    if text is None:
+        raise CheckpointError(
+            f"{setting}={path}: {NOT_OURS} (a .safetensors file without the detector's "
+            "metadata: only export.py format=safetensors files load here)"
+        )
+    extra = json.loads(text)
+    return _join_tensors(extra.pop("checkpoint"), tensors), extra
+
+
+def read_checkpoint(
+    path: str | Path | None, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Any], dict]:
+    """A ``.ckpt`` (or export's ``.safetensors``) as the checkpoint dict, and the export's
+    extra metadata (``model_id`` of the checkpoint it came from; empty for a ``.ckpt``)."""
+    if path and str(path).endswith(".safetensors") and Path(path).expanduser().is_file():
+        return load_safetensors(Path(path).expanduser())
+    return load_checkpoint_file(path, map_location), {}

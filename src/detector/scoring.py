@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from detector.checkpoint_file import check_is_detector, compare_state, load_checkpoint_file
+from detector.checkpoint_file import check_is_detector, compare_state, read_checkpoint
 from detector.errors import CheckpointError, DetectorError
 from detector.evaluation.ood import OODModel
 from detector.files import first_line
@@ -36,7 +36,8 @@ class HParams(dict):
 
 class ScoringModel(nn.Module):
     """What scoring reads of a :class:`~detector.module.DetectorModule`: ``net``, ``hparams``,
-    ``threshold``, ``threshold_fit`` and ``ood``, under the same names."""
+    ``threshold``, ``threshold_fit`` and ``ood``, under the same names (and ``model_id`` when
+    it comes from an export)."""
 
     def __init__(
         self,
@@ -51,6 +52,7 @@ class ScoringModel(nn.Module):
         self.net = net
         self.threshold_fit = threshold_fit
         self.ood = ood
+        self.model_id: str | None = None
 
     @property
     def threshold(self) -> float:
@@ -60,7 +62,7 @@ class ScoringModel(nn.Module):
 def load_for_scoring(path: str | Path, map_location: str = "cpu") -> ScoringModel:
     """The checkpoint's network in eval mode, its weights loaded strictly; errors as
     :func:`detector.checkpoint.load_checkpoint` words them."""
-    checkpoint = load_checkpoint_file(path, map_location)
+    checkpoint, extra = read_checkpoint(path, map_location)  # .ckpt, or export's .safetensors
     path = Path(path).expanduser()
     check_is_detector(checkpoint, path, "ckpt")
     hparams = dict(checkpoint["hyper_parameters"])
@@ -82,4 +84,5 @@ def load_for_scoring(path: str | Path, map_location: str = "cpu") -> ScoringMode
     compare_state(model, state, path, "ckpt")
     model.load_state_dict(state, strict=True)
     model.ood = OODModel.from_state(checkpoint.get("ood"))
+    model.model_id = extra.get("model_id")  # an export carries its checkpoint's id
     return model.to(map_location).eval()

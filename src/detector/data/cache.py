@@ -49,7 +49,7 @@ from detector.files import atomic_write_text, display
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: (N, H, W, 3) rows
+CACHE_VERSION = 3  # 2: (N, H, W, 3) rows; 3: large JPEGs decoded at reduced size (draft_jpeg)
 FOLDER_NAME = ".detector-cache"
 # Space left free on the disk after the cache is written.
 DISK_MARGIN = 1 << 30

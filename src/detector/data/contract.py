@@ -64,9 +64,15 @@ class Preprocessing:
     image_size: int = 224
     max_tiles: int = DEFAULT_MAX_TILES
     aggregate: str = "mean"
+    # resize models: a JPEG much larger than image_size is decoded at reduced size (libjpeg's
+    # DCT scaling) before the exact resize (detector.data.decode.draft_jpeg); False: full size.
+    # A scoring choice, not the training's: eval's loaders always take it (docs/speed.md).
+    jpeg_draft: bool = True
 
     def __post_init__(self) -> None:
         check_input(self.input, self.image_size, self.max_tiles, self.aggregate, "")
+        if not isinstance(self.jpeg_draft, bool):
+            raise ConfigError(f"jpeg_draft={self.jpeg_draft!r} must be true or false")
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any], **overrides: Any) -> Preprocessing:
@@ -102,7 +108,7 @@ class Preprocessing:
         """The one step from an opened image to the network's input (EXIF, modes: ``to_rgb``)."""
         if self.input == "resize":
             width, height = img.size
-            pixels = pil_to_input(img, self.image_size)
+            pixels = pil_to_input(img, self.image_size, draft=self.jpeg_draft)
             return Prepared(pixels, 1, (width, height), self.resized_from(width, height))
         return self.prepare_tensor(F.pil_to_tensor(to_rgb(img)))
 

@@ -78,12 +78,17 @@ class ImageDataset(Dataset):
         hflip: bool = False,
         transform: Callable[[Image.Image], Image.Image] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        jpeg_draft: bool = True,
     ):
         self.samples = list(samples)
         self.size = size
         self.hflip = hflip
         self.transform = transform
         self.max_pixels = max_pixels
+        # predict's rule (Preprocessing.jpeg_draft): large JPEGs decoded at reduced size before
+        # the resize, so eval's numbers equal predict's. Augmented training (transform) decodes
+        # at full size: blur and re-compression act at the file's own resolution.
+        self.jpeg_draft = jpeg_draft
         self._failed: set[str] = set()
 
     def __len__(self) -> int:
@@ -91,7 +96,7 @@ class ImageDataset(Dataset):
 
     def _read(self, path: str) -> torch.Tensor:
         if self.transform is None:
-            return load_image(path, self.size, self.max_pixels)
+            return load_image(path, self.size, self.max_pixels, self.jpeg_draft)
         with open_image(path, self.max_pixels) as img:
             return pil_to_input(self.transform(to_rgb(img)), self.size)
 

@@ -1,8 +1,12 @@
-"""Export a checkpoint to ONNX or TorchScript, with the preprocessing contract beside the file.
+"""Export a checkpoint to ONNX, TorchScript or safetensors, with the preprocessing contract
+beside the file.
 
-The exported graph takes float32 RGB in [0, 1] (uint8 / 255), NCHW, any batch size, and
-normalises inside, as the PyTorch model does; its outputs are the logit and the probability of
-``class_names[1]``. Resizing is the consumer's job and the contract says how eval does it.
+``safetensors`` is the weights alone (no pickle, no optimizer state), with the hyper-parameters
+and out-of-domain model in its metadata: ``Detector.from_checkpoint("model.safetensors")``
+loads it, and every command's ``ckpt=`` takes it. The ONNX and TorchScript graphs take float32
+RGB in [0, 1] (uint8 / 255), NCHW, any batch size, and normalise inside, as the PyTorch model
+does; their outputs are the logit and the probability of ``class_names[1]``. Resizing is the
+consumer's job and the contract says how eval does it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from torch import nn
 
 from detector.api import Detector
+from detector.checkpoint import load_checkpoint_file, save_safetensors
 from detector.errors import ConfigError
 from detector.files import describe_error
 from detector.matmul_conv import set_matmul_convs
@@ -28,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("logit", "probability")
 
@@ -130,8 +135,18 @@ def export_torchscript(wrapper: nn.Module, example: torch.Tensor, path: Path) ->
         traced.save(str(path))
 
 
+def export_safetensors(ckpt: str | Path, path: Path, model_id: str) -> None:
+    """The checkpoint's weights (the EMA average when trained with EMA), out-of-domain model,
+    hyper-parameters and threshold fit, nothing else, in one file with no pickle in it;
+    ``Detector.from_checkpoint`` loads it."""
+    checkpoint = load_checkpoint_file(ckpt)
+    save_safetensors(checkpoint, path, {"model_id": model_id, "source": str(Path(ckpt).resolve())})
+
+
 def run_exported(fmt: str, path: str | Path, images: torch.Tensor) -> torch.Tensor:
     """P(class 1) from an exported file for a float [0, 1] batch: the consumer's view."""
+    if fmt == "safetensors":
+        return Detector.from_checkpoint(path, device="cpu").score(images)
     if fmt == "onnx":
         import onnxruntime as ort  # deferred: needed only to check an ONNX export
 
@@ -162,6 +177,8 @@ def export(cfg: DictConfig) -> dict:
     example = torch.rand(2, 3, s, s, generator=torch.Generator().manual_seed(0))
     if fmt == "onnx":
         export_onnx(wrapper, example, out, int(cfg.opset))
+    elif fmt == "safetensors":
+        export_safetensors(cfg.ckpt, out, detector.model_id)
     else:
         export_torchscript(wrapper, example, out)
 

@@ -196,6 +196,7 @@ def load_detector(cfg: DictConfig) -> Detector:
         max_tiles=cfg.get("max_tiles"),
         aggregate=cfg.get("aggregate"),
         max_pixels=cfg.get("max_pixels"),
+        jpeg_draft=cfg.get("jpeg_draft"),
     )
 
 

@@ -20,6 +20,7 @@ from detector.checkpoint import (
     AtomicCheckpointIO,
     check_resume_checkpoint,
     load_checkpoint_file,
+    load_initial_weights,
     resolve_ckpt_path,
     run_folder_of,
     safe_loading,
@@ -31,6 +32,7 @@ from detector.distributed import (
     keep_files_to_rank_zero,
     launch_rank,
 )
+from detector.errors import ConfigError
 from detector.evaluation.ood import check_ood_settings, fit_on_data
 from detector.evaluation.per_source import source_rows, write_source_table
 from detector.evaluation.report import write_csv
@@ -49,6 +51,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_backbone(cfg.model.backbone)  # before the data scan, which can take a while
     if cfg.get("ood"):  # fitted after training: a typo must not cost the run
         check_ood_settings(str(cfg.ood.get("feature")), float(cfg.ood.get("quantile", 0.95)))
+    if cfg.get("ckpt_path") and cfg.get("init_ckpt"):
+        raise ConfigError("ckpt_path resumes a run and init_ckpt starts a new one: set one")
     resume = _resume_from(cfg)
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
@@ -58,6 +62,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model: DetectorModule = hydra.utils.instantiate(cfg.model)
     if resume is not None:
         check_resume_checkpoint(resume, model)
+    elif cfg.get("init_ckpt"):
+        load_initial_weights(model, cfg.init_ckpt)
     trainer = build_trainer(cfg, output_dir)
     _start_ranks(trainer, datamodule, sync_batchnorm=bool(cfg.trainer.get("sync_batchnorm")))
 
