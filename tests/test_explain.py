@@ -111,3 +111,20 @@ def test_cli_writes_one_figure_per_image_and_error_rows(trained_run, tmp_path):
         assert row["explained"] == row["label"] and row["gradcam_layer"] == "backbone.layer2"
         with Image.open(tmp_path / "maps" / row["figure"]) as png:
             assert png.width > 3 * 96 and png.height > 96
+
+
+def test_the_progress_bar_moves_per_image(trained_run, tmp_path):
+    """write_rows advances the bar by each chunk's rows: one image per chunk."""
+    from omegaconf import OmegaConf
+
+    from detector.api import Detector
+    from detector.tasks.explain import explained_rows
+
+    paths = [str(p) for p in sorted((trained_run["data"] / "test" / "FAKE").glob("*.jpg"))[:3]]
+    cfg = OmegaConf.create(
+        {"gradcam_layer": "auto", "n_steps": 2, "batch_size": 16, "display_size": 64, "dpi": 40}
+    )
+    detector = Detector.from_checkpoint(trained_run["ckpt"])
+    chunks = list(explained_rows(detector, paths, tmp_path, None, cfg, []))
+    assert [sorted(c) for c in chunks] == [[0], [1], [2]]
+    assert all((tmp_path / c[i]["figure"]).is_file() for i, c in enumerate(chunks))

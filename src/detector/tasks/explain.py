@@ -329,7 +329,7 @@ def _explain_chunk(detector, stack, ok, out_dir: Path, target, cfg) -> dict[int,
     return rows
 
 
-def _explained_rows(detector, paths, out_dir: Path, target, cfg, errors) -> Iterator[dict]:
+def explained_rows(detector, paths, out_dir: Path, target, cfg, errors) -> Iterator[dict]:
     """One batch's rows (by input index) at a time, so the table grows while the maps are
     drawn; a file that does not decode gets an error row (and a place in ``errors``). A crop
     model gets its per-tile score map instead (:mod:`detector.evaluation.tile_map`)."""
@@ -382,7 +382,7 @@ def explain(cfg: DictConfig) -> dict:
     columns += ["explained", "gradcam_layer", "ig_delta", "n_tiles", "tile_min", "tile_max"]
     columns += ["error"]
     errors: list[tuple[str, str]] = []
-    rows = _explained_rows(detector, paths, out_dir, target, cfg, errors)
+    rows = explained_rows(detector, paths, out_dir, target, cfg, errors)
     write_rows(table, "csv", columns, rows, "explain", cfg.get("progress"), len(paths))
     done = len(paths) - len(errors)
     warn_unreadable(log, errors)
