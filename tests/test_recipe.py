@@ -1,6 +1,7 @@
 """The CIFAKE recipe's pieces: random shift augmentation, EMA weights, the experiment configs."""
 
 import csv
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -75,9 +76,12 @@ def test_cifake_cpu_recipe_composes_and_its_ema_checkpoint_evaluates_alike(image
     metrics = train(compose_config("train", tmp_path / "a", overrides))
     best = metrics["best_model_path"]
     checkpoint = torch.load(best, map_location="cpu", weights_only=True)
-    assert "current_model_state" in checkpoint  # EMA weights in state_dict, raw ones beside
-    raw = checkpoint["current_model_state"]
-    ema = checkpoint["state_dict"]
+    # The best checkpoint is lean: the EMA weights in state_dict, the raw ones only in last.ckpt
+    # (what resuming needs).
+    assert "current_model_state" not in checkpoint
+    assert "current_model_state" in checkpoint["lean"]
+    last = torch.load(Path(best).parent / "last.ckpt", map_location="cpu", weights_only=True)
+    raw, ema = last["current_model_state"], last["state_dict"]
     assert any(not torch.equal(raw[k], ema[k]) for k in ema if ema[k].is_floating_point())
     eval_overrides = [
         f"ckpt={best}",
