@@ -45,6 +45,7 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
@@ -204,11 +205,9 @@ def train_path(cfg: DictConfig, out: Path, steps: int, warmup: int) -> float:
     datamodule = hydra.utils.instantiate(cfg.data)
     model = hydra.utils.instantiate(cfg.model)
     timer = StepTimer()
-    callbacks = [
-        hydra.utils.instantiate(c)
-        for c in (cfg.get("callbacks") or {}).values()
-        if c and "ModelCheckpoint" not in c.get("_target_", "")
-    ]
+    built = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    # every checkpoint callback (ModelCheckpoint and its subclasses: BestCheckpoint) is off
+    callbacks = [c for c in built if not isinstance(c, ModelCheckpoint)]
     trainer = build_trainer(
         cfg,
         out,
@@ -229,7 +228,9 @@ def eval_path(cfg_eval: DictConfig, cfg: DictConfig, out: Path, steps: int, warm
     """(c) eval.py's inference: a test data module over the folder and ``trainer.test``."""
     data_cfg = OmegaConf.to_container(cfg_eval.data, resolve=True)
     data_cfg.pop("test_dirs", None)
-    data_cfg["image_size"] = cfg.data.image_size
+    # what eval.py takes from the checkpoint's preprocessing contract: the training config's
+    for key in ("image_size", "input", "max_tiles"):
+        data_cfg[key] = cfg.data[key]
     data_cfg["test_dir"] = str(Path(cfg.data.root) / "train")
     datamodule = hydra.utils.instantiate(data_cfg)
     datamodule.setup("test")
