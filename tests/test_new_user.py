@@ -53,6 +53,9 @@ def test_a_typo_is_one_error_line_naming_the_closest_key(tmp_path, capsys):
     )
     assert "did you mean batch_size?" in _preflight_error(capsys, "predict", "data.batchsize=3")
     assert "did you mean data.root?" in _preflight_error(capsys, "train", "+data.rot=x")
+    assert "add it with +trainer.max_steps=60" in _preflight_error(
+        capsys, "train", "trainer.max_steps=60"
+    )
 
 
 def test_overrides_that_are_read_pass_the_check(capsys):
@@ -61,6 +64,7 @@ def test_overrides_that_are_read_pass_the_check(capsys):
         ("train", ["+model.scheduler._target_=torch.optim.lr_scheduler.StepLR"]),
         ("train", ["+callbacks.extra={_target_: detector.callbacks.History}", "-m", "seed=1,2"]),
         ("train", ["experiment=cifake_cpu", "hydra.run.dir=/tmp/x", "hydra.job.name=t_1"]),
+        ("train", ["+trainer.max_steps=60", "+trainer.profiler=simple"]),
         ("eval", ["ckpt=a.ckpt", "data.test_dirs={a: x}", "robustness=default"]),
         ("predict", ["ckpt=a.ckpt", "input=x", "max_pixels=100", "~format"]),
     ]:

@@ -199,12 +199,13 @@ class ProgressLog(L.Callback):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         self.loss = float(loss) if loss is not None else None
         self.printed = False
+        self.step_in_epoch = batch_idx + 1
         if time.monotonic() - self.last >= self.every_s:
             self._line(trainer, batch_idx + 1)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if getattr(self, "active", False) and not getattr(self, "printed", True):
-            self._line(trainer, trainer.num_training_batches)
+            self._line(trainer, self.step_in_epoch)  # max_steps may end an epoch early
 
     def _line(self, trainer: L.Trainer, step: int) -> None:
         now = time.monotonic()

@@ -9,12 +9,11 @@ from __future__ import annotations
 import logging
 import os
 
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from detector.distributed import launcher_rank_is_zero, launcher_run_id
 from detector.errors import ConfigError
 from detector.hardware import AUTO, auto_precision, auto_workers
+from detector.launch_env import launcher_rank_is_zero, launcher_run_id
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +76,8 @@ def check_train_settings(cfg: DictConfig) -> None:
                 f"{every}: the run would never validate, so no best checkpoint; lower the latter"
             )
         if epochs % every:
+            from lightning.pytorch.utilities import rank_zero_only  # training only
+
             rank_zero_only(log.warning)(
                 "trainer.max_epochs=%d is not a multiple of trainer.check_val_every_n_epoch=%d:"
                 " the last %d epoch(s) are trained but never validated, so the best checkpoint"

@@ -10,7 +10,6 @@ writes files.
 from __future__ import annotations
 
 import logging
-import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,40 +19,11 @@ from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.accelerators import CPUAccelerator
 
 from detector.errors import ConfigError
-
-RUN_ID_VARIABLE = "DETECTOR_RUN_ID"
-_RANK_VARIABLES = ("RANK", "SLURM_PROCID", "GROUP_RANK", "NODE_RANK", "LOCAL_RANK")
-
-
-def _slurm_tasks() -> int:
-    """Tasks of this srun step (1 outside SLURM or in an interactive allocation)."""
-    if os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
-        return 1  # Lightning ignores SLURM then, and so do we
-    return int(os.environ.get("SLURM_NTASKS", "1"))
-
-
-def launcher_run_id() -> str | None:
-    """The id that every process of one multi-process launch sees, or None.
-
-    ``DETECTOR_RUN_ID`` when set; torchrun's ``--rdzv-id`` (``--standalone`` draws one; the
-    static default "none" is no id); under ``srun`` with several tasks the SLURM job and step, which
-    a requeued job keeps, so Lightning's auto-resume finds its checkpoint in the same folder.
-    """
-    if os.environ.get(RUN_ID_VARIABLE):
-        return os.environ[RUN_ID_VARIABLE]
-    elastic = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    if elastic and elastic != "none":
-        return elastic
-    if _slurm_tasks() > 1 and os.environ.get("SLURM_JOB_ID"):
-        step = os.environ.get("SLURM_STEP_ID", os.environ.get("SLURM_STEPID"))
-        return f"slurm-{os.environ['SLURM_JOB_ID']}" + (f".{step}" if step else "")
-    return None
-
-
-def launcher_rank_is_zero() -> bool:
-    """Whether the launcher (torchrun, srun, Lightning) made this the first process; read from
-    the environment because the config is composed before any process group exists."""
-    return all(int(os.environ.get(v) or 0) == 0 for v in _RANK_VARIABLES)
+from detector.launch_env import (  # noqa: F401 - re-exported: config and tests read them here
+    RUN_ID_VARIABLE,
+    launcher_rank_is_zero,
+    launcher_run_id,
+)
 
 
 def launch_rank(trainer: L.Trainer) -> int:

@@ -104,13 +104,18 @@ def check_overrides(command: str, conf_dir: Path, config_name: str, args: Sequen
         hint = suggest(key, keys)
         did_you_mean = f" (did you mean {' or '.join(hint)}?)" if hint else ""
         help_line = f"; python {command} --help lists its settings"
+        trainer_arg = top == "trainer" and key.count(".") == 1
         if not o.is_add() and not o.is_force_add():
+            if trainer_arg and key.split(".")[1] in _trainer_arguments():
+                raise ConfigError(
+                    f"{key} is a Lightning Trainer argument that conf/trainer does not set: add "
+                    f"it with +{key}={o.get_value_element_as_str()}"
+                )
             raise ConfigError(f"{command} has no setting {key!r}{did_you_mean}{help_line}")
         parts = key.split(".")
         inside_a_block = any(".".join(parts[:i]) in keys for i in range(2, len(parts)))
         if top in ADDABLE or inside_a_block:  # e.g. +model.scheduler._target_=...
             continue
-        trainer_arg = top == "trainer" and key.count(".") == 1
         if trainer_arg and key.split(".")[1] in _trainer_arguments():
             continue
         raise ConfigError(
