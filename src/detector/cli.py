@@ -26,6 +26,8 @@ _NOISY_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)",  # torch deprecation inside Lightning, every run
     r"The number of training batches .* is smaller than the logging interval",  # epoch logging
     r"Precision .* is not supported by the model summary",
+    # Lightning's own gather under DDP, on every run: a torch deprecation nobody here can act on
+    r"torch.distributed.nn.functional.all_gather is deprecated",
     # DetectorModule logs values it has already gathered from every rank (module.py)
     r"It is recommended to use `self.log\(.*sync_dist=True\)`",
 )

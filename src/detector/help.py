@@ -58,7 +58,8 @@ def _comments(conf_dir: Path, config_name: str, choices: dict[str, str]) -> dict
         files.sort(key=lambda p: p.stem == choice)
         for f in files:
             for key, text in yaml_comments(f, f"{group}.").items():
-                comments.setdefault(key, text) if f.stem != choice else comments.update({key: text})
+                if f.stem == choice or key not in comments:
+                    comments[key] = text
     return comments
 
 
