@@ -55,7 +55,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError("ckpt_path resumes a run and init_ckpt starts a new one: set one")
     resume = _resume_from(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    L.seed_everything(cfg.seed, workers=True)
+    # quiet: every rank would log it, before the other ranks' log files are closed
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule: ImageFolderDataModule = hydra.utils.instantiate(cfg.data)
     if isinstance(datamodule, ImageFolderDataModule):
         datamodule.check_layout()  # folder mistakes before the model is even built
