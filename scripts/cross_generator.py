@@ -33,8 +33,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
+from detector.cli import user_error
 from detector.config import register_resolvers
-from detector.errors import ConfigError, DetectorError
+from detector.errors import ConfigError
 from detector.evaluation.matrix import write_matrix
 from detector.files import atomic_write_text
 from detector.tasks.evaluate import evaluate
@@ -199,9 +200,7 @@ if __name__ == "__main__":
     try:
         main()
     except Exception as e:  # a user error, also one wrapped by instantiate: one line, exit 2
-        cause: BaseException | None = e
-        while cause is not None and not isinstance(cause, DetectorError):
-            cause = cause.__cause__
+        cause = user_error(e)
         if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)

@@ -33,6 +33,7 @@ from detector.checkpoint_file import (  # noqa: F401 - re-exported: the names us
     SAFE_GLOBALS,
     SAFETENSORS_META,
     SAFETENSORS_SEP,
+    build_for,
     load_checkpoint_file,
     load_safetensors,
     read_checkpoint,
@@ -40,8 +41,8 @@ from detector.checkpoint_file import (  # noqa: F401 - re-exported: the names us
 )
 from detector.checkpoint_file import check_is_detector as _check_is_detector
 from detector.checkpoint_file import compare_state as _compare_state
-from detector.errors import CheckpointError, DetectorError
-from detector.files import atomic_file, first_line
+from detector.errors import CheckpointError
+from detector.files import atomic_file
 from detector.module import NET_SETTINGS, DetectorModule
 
 log = logging.getLogger(__name__)
@@ -105,14 +106,7 @@ def load_checkpoint(path: str | Path | None, map_location: str = "cpu"):
     _check_is_detector(checkpoint, path, "ckpt")
     accepted = {*inspect.signature(DetectorModule.__init__).parameters, *NET_SETTINGS}
     kwargs = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
-    try:
-        model = DetectorModule(**kwargs)
-    except DetectorError as e:
-        raise CheckpointError(f"ckpt={path}: its settings are not valid here ({e})") from None
-    except Exception as e:
-        raise CheckpointError(
-            f"ckpt={path}: a checkpoint of another model ({type(e).__name__}: {first_line(e)})"
-        ) from None
+    model = build_for(path, lambda: DetectorModule(**kwargs))
     _compare_state(model, checkpoint["state_dict"], path, "ckpt")
     model.on_load_checkpoint(checkpoint)
     model.load_state_dict(checkpoint["state_dict"], strict=True)

@@ -11,16 +11,17 @@ import logging
 import pickle
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from detector.errors import CheckpointError, ckpt_not_set
+from detector.errors import CheckpointError, DetectorError, ckpt_not_set
 from detector.files import first_line
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Globals beyond torch's weights-only defaults that our checkpoints need: none (measured on the
 # checkpoints train.py writes, with the ModelCheckpoint, History and ResumeRandomState states,
@@ -98,6 +99,19 @@ def check_is_detector(checkpoint: dict, path: Path, setting: str) -> None:
             f"{setting}={path}: a checkpoint of another model (its hyper-parameters name no "
             "backbone: it was not written by this detector's train.py)"
         )
+
+
+def build_for(path: Path, build: Callable[[], T]) -> T:
+    """``build()`` (the network or module from a checkpoint's settings), its failures worded
+    as what they say of the file."""
+    try:
+        return build()
+    except DetectorError as e:
+        raise CheckpointError(f"ckpt={path}: its settings are not valid here ({e})") from None
+    except Exception as e:
+        raise CheckpointError(
+            f"ckpt={path}: a checkpoint of another model ({type(e).__name__}: {first_line(e)})"
+        ) from None
 
 
 def compare_state(model: torch.nn.Module, state: dict, path: Path, setting: str) -> None:

@@ -113,6 +113,15 @@ def _log_file() -> logging.FileHandler | None:
     return next((h for h in handlers if isinstance(h, logging.FileHandler)), None)
 
 
+def user_error(error: BaseException) -> DetectorError | None:
+    """The user mistake behind ``error``, if any: hydra.utils.instantiate wraps what a
+    constructor raises (InstantiationException), and a user error found there is still one."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, DetectorError):
+        cause = cause.__cause__
+    return cause
+
+
 def run(task: Callable[[DictConfig], dict], cfg: DictConfig) -> dict:
     """Run ``task``; what it prints also goes into the task's log file, and a user error
     (DetectorError) becomes one ``error:`` line with exit status 2."""
@@ -123,11 +132,7 @@ def run(task: Callable[[DictConfig], dict], cfg: DictConfig) -> dict:
     try:
         return task(cfg)
     except Exception as e:
-        # hydra.utils.instantiate wraps what a constructor raises (InstantiationException):
-        # a user error found there is still a user error.
-        cause: BaseException | None = e
-        while cause is not None and not isinstance(cause, DetectorError):
-            cause = cause.__cause__
+        cause = user_error(e)
         if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)

@@ -16,10 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from detector.checkpoint_file import check_is_detector, compare_state, read_checkpoint
-from detector.errors import CheckpointError, DetectorError
+from detector.checkpoint_file import (
+    build_for,
+    check_is_detector,
+    compare_state,
+    read_checkpoint,
+)
 from detector.evaluation.ood import OODModel
-from detector.files import first_line
 from detector.model import NET_SETTINGS, SEClassifier
 
 
@@ -69,17 +72,10 @@ def load_for_scoring(path: str | Path, map_location: str = "cpu") -> ScoringMode
     # The weights come from the checkpoint: never fetch or read pretrained ones to rebuild it.
     settings = {k: hparams[k] for k in NET_SETTINGS if k in hparams}
     settings.update(pretrained=False, weights_file=None)
-    try:
-        net = SEClassifier(**settings)
-    except DetectorError as e:
-        raise CheckpointError(f"ckpt={path}: its settings are not valid here ({e})") from None
-    except Exception as e:
-        raise CheckpointError(
-            f"ckpt={path}: a checkpoint of another model ({type(e).__name__}: {first_line(e)})"
-        ) from None
+    net = build_for(path, lambda: SEClassifier(**settings))
     if hparams.get("channels_last"):  # as the module trained and evaluated it
         net.to(memory_format=torch.channels_last)
-    state = {k: v for k, v in checkpoint["state_dict"].items()}
+    state = checkpoint["state_dict"]
     model = ScoringModel(hparams, net, checkpoint.get("threshold_fit"))
     compare_state(model, state, path, "ckpt")
     model.load_state_dict(state, strict=True)
