@@ -39,6 +39,7 @@ from detector.checkpoint import (  # noqa: E402
     load_checkpoint_file,
     save_safetensors,
 )
+from detector.hardware import threads_beside_workers  # noqa: E402
 from detector.module import DetectorModule  # noqa: E402
 from detector.tasks.predict import _collate, _Files  # noqa: E402
 
@@ -56,18 +57,21 @@ def predict_rate(detector: Detector, paths: list[Path], workers: int = 2) -> flo
         num_workers=workers,
         collate_fn=_collate,
     )
-    start = time.perf_counter()
-    n = 0
-    for _, items, _ in loader:
-        detector.score_prepared(items)
-        n += len(items)
-    return n / (time.perf_counter() - start)
+    with threads_beside_workers(workers, detector.device):  # as predict.py runs it
+        start = time.perf_counter()
+        n = 0
+        for _, items, _ in loader:
+            detector.score_prepared(items)
+            n += len(items)
+        return n / (time.perf_counter() - start)
 
 
 def draft_speed(paths: list[Path], repeats: int) -> dict:
     module = DetectorModule(image_size=32)  # the default ResNet50-SE, at CIFAKE's size
     fast, full = Detector(module), Detector(module, jpeg_draft=False)
-    predict_rate(fast, paths[:8], workers=0)  # warm-up: page cache, oneDNN kernels
+    # warm-up with a whole batch: the page cache, and oneDNN's kernels for the batch's shape
+    # (a first batch of a new shape costs as much as several: with few images it would dominate)
+    predict_rate(fast, paths[:64], workers=0)
     rates = {"draft": [], "full": []}
     for _ in range(repeats):  # alternated, so both see the same machine state
         rates["full"].append(predict_rate(full, paths))
@@ -205,7 +209,7 @@ def main() -> None:
     parser.add_argument("--ckpt", type=Path, help="a trained 32 px resize checkpoint")
     parser.add_argument("--full-ckpt", type=Path, help="a complete last.ckpt of ResNet50")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--copies", type=int, default=2, help="passes over the 48 large JPEGs")
+    parser.add_argument("--copies", type=int, default=8, help="passes over the 48 large JPEGs")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:

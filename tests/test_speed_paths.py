@@ -435,6 +435,23 @@ def test_loader_workers_default_to_none_on_the_cpu_and_some_per_gpu(tmp_path, mo
     assert compose_config("train", tmp_path, ["trainer=gpu"]).data.num_workers == 3
 
 
+def test_scoring_beside_loader_workers_takes_the_cores_they_leave(monkeypatch):
+    """predict.py: a model thread waiting for a core stalls its whole OpenMP team."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        for cores, workers, expected in ((2, 2, 1), (8, 2, 4), (6, 2, 4), (3, 1, 2), (2, 0, 4)):
+            monkeypatch.setattr(hardware, "cpu_cores", lambda cores=cores: cores)
+            with hardware.threads_beside_workers(workers, "cpu") as threads:
+                assert threads == torch.get_num_threads() == expected, (cores, workers)
+            assert torch.get_num_threads() == 4  # restored
+        with hardware.threads_beside_workers(2, torch.device("cuda")) as threads:
+            assert threads == 4  # a GPU model's host threads are not the contended ones
+    finally:
+        torch.set_num_threads(before)
+    assert hardware.cpu_cores() >= 1
+
+
 def test_trainer_gets_the_resolved_precision(tmp_path, monkeypatch):
     from detector.tasks.trainer import build_trainer
 

@@ -9,11 +9,16 @@ Loader worker processes overlap decoding with a GPU's work. When the model runs 
 take the very cores the model's threads use: the measured train path lost 12-15% to two mostly
 idle workers on a 2-core machine. There, decoding in the main process (cheap with the batched
 JPEG path and the image cache) gives more images per second.
+
+Where workers do pay on the CPU (predict.py decoding large JPEGs), the model gets the cores the
+workers leave (:func:`threads_beside_workers`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -63,3 +68,29 @@ def auto_workers(accelerator: str | None = AUTO) -> int:
         return 0
     gpus = max(1, torch.cuda.device_count())
     return max(1, min(8, (os.cpu_count() or 1) // gpus))
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask: a container's or taskset's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def threads_beside_workers(workers: int, device: torch.device | str) -> Iterator[int]:
+    """Run the model with the cores the loader's ``workers`` leave, when it runs on the CPU.
+
+    A model thread that waits for a core holds up its whole OpenMP team at every barrier:
+    scoring 64 images at 32 px took 0.1 s alone and ~2 s while two workers decoded, on 2 cores
+    (one thread beside the two workers: 2.3x the images/s of predict.py; docs/speed.md). Never
+    more threads than torch already uses; restored afterwards.
+    """
+    before = torch.get_num_threads()
+    if workers > 0 and torch.device(device).type == "cpu":
+        torch.set_num_threads(max(1, min(before, cpu_cores() - workers)))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

@@ -14,6 +14,7 @@ from detector.data.decode import IMAGE_EXTENSIONS
 from detector.errors import ConfigError
 from detector.evaluation.ood import NO_OOD_MODEL
 from detector.files import describe_error
+from detector.hardware import threads_beside_workers
 from detector.tasks.inputs import (
     UNREADABLE_SHOWN,
     image_paths,
@@ -162,11 +163,12 @@ def predict(cfg: DictConfig) -> dict:
     names = detector.class_names
     columns = ["path", *(f"prob_{n}" for n in names), *RESULT_COLUMNS]
     columns += ["threshold", "model_id", "error"]
+    # loader processes pay off from the second batch on; one image is decoded right here
+    workers = int(cfg.num_workers) if len(paths) > batch_size else 0
     loader = DataLoader(
         _Files(paths, detector.preprocessing, detector.max_pixels),
         batch_size=batch_size,
-        # loader processes pay off from the second batch on; one image is decoded right here
-        num_workers=int(cfg.num_workers) if len(paths) > batch_size else 0,
+        num_workers=workers,
         collate_fn=_collate,
     )
     counts = dict.fromkeys([*names, "flagged"], 0)
@@ -174,7 +176,9 @@ def predict(cfg: DictConfig) -> dict:
     resized: list[tuple[int, int]] = []
     rows = _scored_rows(detector, loader, paths, counts, errors, resized)
     shown: list[dict] = []
-    write_rows(out, fmt, columns, _keep(rows, shown), "predict", cfg.get("progress"), len(paths))
+    with threads_beside_workers(workers, detector.device):
+        progress = cfg.get("progress")
+        write_rows(out, fmt, columns, _keep(rows, shown), "predict", progress, len(paths))
     if len(paths) <= ROWS_SHOWN:
         for row in shown:
             print(_row_line(row, names))
