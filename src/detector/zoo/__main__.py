@@ -17,8 +17,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m detector.zoo",
         description="Train small local generators on real images (stand-ins for real "
-        "generators) and write OUT/<member>/{train,test}/{FAKE,REAL}/*.jpg (32 px, JPEG "
-        "q75 in both classes) and OUT/<member>/member.json.",
+        "generators) and write\nOUT/<member>/{train,test}/{FAKE,REAL}/*.jpg (32 px, JPEG q75 in "
+        "both classes) and OUT/<member>/member.json.",
         epilog=f"members, in order:\n{members}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
