@@ -3,11 +3,14 @@ on all sources but each one in turn), test every model on every source's test se
 the train x test matrix of AUROC, accuracy and AP: matrix.md, matrix.csv, matrix.png.
 
     python scripts/cross_generator.py --sources demo,demo_b [--out logs/cross/demo] \\
-        [--mode per-source|leave-one-out] [--eval KEY=VALUE ...] [TRAIN_OVERRIDE ...]
+        [--mode per-source|leave-one-out] [--always NAME[,NAME]] [--eval KEY=VALUE ...] \\
+        [TRAIN_OVERRIDE ...]
 
 A source is a conf/data option (``demo``, ``demo_b``, named after it), ``NAME=OPTION``,
 ``NAME=FOLDER`` (``data=imagefolder data.root=FOLDER``) or ``NAME=OPTION:FOLDER`` (e.g.
-``sdv14=genimage:/data/GenImage/sdv14``). Overrides go to every training run; those of
+``sdv14=genimage:/data/GenImage/sdv14``). ``--always NAME[,NAME]`` (leave-one-out): those
+sources are in every model's training and never left out, e.g. CIFAKE beside a zoo of
+generators each left out in turn (docs/zoo.md). Overrides go to every training run; those of
 ``trainer.*``, ``paths.*``, ``data.batch_size`` and ``data.num_workers`` to every
 evaluation too, and ``--eval`` adds evaluation-only ones. Resumable: a model whose
 ``models/<row>/done.json`` exists is not trained again, a cell whose
@@ -25,6 +28,7 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,11 +109,31 @@ def _train_folder(source: Source, overrides: list[str], out: Path) -> tuple[str,
     return str(datamodule.train_dir), leaves
 
 
-def plan_rows(sources: list[Source], mode: str, overrides: list[str], out: Path) -> list[Row]:
+def parse_always(text: str, sources: list[Source], mode: str) -> list[str]:
+    """``--always``: sources in every leave-one-out model's training, never left out."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        return []
+    if mode != "leave-one-out":
+        raise ConfigError("--always applies to --mode leave-one-out only")
+    known = [s.name for s in sources]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(
+            f"--always: {', '.join(unknown)} is not a source; sources: {', '.join(known)}"
+        )
+    if len(set(names)) >= len(known):
+        raise ConfigError("--always names every source: at least one must be left out in turn")
+    return names
+
+
+def plan_rows(
+    sources: list[Source], mode: str, overrides: list[str], out: Path, always: Sequence[str] = ()
+) -> list[Row]:
     if mode == "per-source":
         return [Row(s.name, [s.name], s.overrides()) for s in sources]
     rows = []
-    for held in sources:
+    for held in (s for s in sources if s.name not in always):
         others = [s for s in sources if s is not held]
         folders, class_map = {}, {}
         for s in others:
@@ -167,6 +191,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sources", required=True, help="comma-separated sources (see above)")
     parser.add_argument("--mode", choices=("per-source", "leave-one-out"), default="per-source")
     parser.add_argument("--out", type=Path, default=None, help="default: logs/cross/<sources>")
+    parser.add_argument(
+        "--always", default="", metavar="NAME[,NAME]", help="leave-one-out: always trained on"
+    )
     parser.add_argument("--eval", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
         "overrides", nargs="*", help="training overrides, e.g. trainer.max_epochs=3"
@@ -176,11 +203,12 @@ def main(argv: list[str] | None = None) -> dict:
     register_resolvers()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sources = parse_sources(args.sources)
+    always = parse_always(args.always, sources, args.mode)
     out = args.out or Path("logs/cross") / "_".join(s.name for s in sources)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "command.txt", command + "\n")
     eval_overrides = [o for o in args.overrides if EVAL_KEYS.match(o)] + args.eval
-    rows = plan_rows(sources, args.mode, args.overrides, out)
+    rows = plan_rows(sources, args.mode, args.overrides, out, always)
     cells = {}
     for row in rows:
         done = all((out / "cells" / f"{row.name}__{t.name}.json").is_file() for t in sources)

@@ -99,3 +99,29 @@ def test_sources_are_checked(tmp_path):
     done = run_script(SCRIPT, "--sources", "demo,nosuch", cwd=tmp_path)
     assert done.returncode == 2
     assert "error: --sources: 'nosuch' is neither a conf/data option nor NAME=FOLDER" in done.stderr
+
+
+def test_always_sources_are_trained_on_and_never_left_out(two_sources, tmp_path):
+    module = _script()
+    third = make_image_folder(tmp_path / "c", n_train=4, n_test=2, seed=3)
+    folders = {**two_sources, "c": third}
+    sources = module.parse_sources(",".join(f"{n}={f}" for n, f in folders.items()))
+    always = module.parse_always("a", sources, "leave-one-out")
+    rows = module.plan_rows(sources, "leave-one-out", [], tmp_path, always)
+    assert [r.name for r in rows] == ["all-but-b", "all-but-c"]
+    assert [r.seen for r in rows] == [["a", "c"], ["a", "b"]]
+    assert rows[0].settings["train_dirs"] == {
+        "a": str(folders["a"] / "train"),
+        "c": str(third / "train"),
+    }
+    assert module.parse_always("", sources, "per-source") == []
+    for text, mode, message in (
+        ("a", "per-source", "--always applies to --mode leave-one-out only"),
+        ("a,nosuch", "leave-one-out", "--always: nosuch is not a source; sources: a, b, c"),
+        ("a,b,c", "leave-one-out", "--always names every source"),
+    ):
+        with pytest.raises(module.ConfigError, match=message):
+            module.parse_always(text, sources, mode)
+    done = run_script(SCRIPT, "--sources", "demo,demo_b", "--always", "demo", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "error: --always applies to --mode leave-one-out only" in done.stderr

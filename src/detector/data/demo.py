@@ -175,7 +175,7 @@ class _Stages:
 
 
 @contextlib.contextmanager
-def _pinned_torch(seed: int) -> Iterator[torch.Generator]:
+def pinned_torch(seed: int) -> Iterator[torch.Generator]:
     """Fixed threads and seeds for the build, without leaking them into the caller's process."""
     threads = torch.get_num_threads()
     torch.set_num_threads(_THREADS)
@@ -208,7 +208,7 @@ def _build(
     high-resolution set; it is fully convolutional, so it decodes any size), then the files."""
     per_class = train_per_class + test_per_class
     rng = np.random.default_rng(seed)
-    with _Stages(progress) as stages, _pinned_torch(seed) as gen:
+    with _Stages(progress) as stages, pinned_torch(seed) as gen:
         with stages.stage("crops", 3) as tick:
             sources = [Image.fromarray(img) for img in load_sources()]
             tick()
@@ -265,7 +265,7 @@ def _check_replaceable(out: Path) -> None:
         )
 
 
-def _remove_stale_builds(out: Path) -> None:
+def remove_stale_builds(out: Path) -> None:
     """Delete our own leftovers from killed builds: hidden `.NAME.tmp-*`/`.NAME.old-*` siblings.
 
     Only names that mkdtemp gave our own builds are touched, and only when old enough that
@@ -314,7 +314,7 @@ def make_demo(
         raise ValueError(f"decoder={decoder!r} must be one of {', '.join(DECODERS)}")
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(out)
+    remove_stale_builds(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     old: Path | None = None
     try:

@@ -35,12 +35,33 @@ LATENT_NOISE = 0.25
 
 # The demo's generators, by decoder: how each doubles the resolution
 DECODERS = ("transposed", "nearest")
+# Every way a decoder here can double the resolution: the demo's two and the zoo's others
+# (detector.zoo, stand-ins for real generators)
+UPSAMPLERS = (*DECODERS, "bilinear", "pixelshuffle")
+
+
+def upsample(kind: str, cin: int, cout: int) -> list[nn.Module]:
+    """Layers that double the resolution from ``cin`` to ``cout`` channels (no activation):
+    a stride-2 transposed convolution (overlapping 4x4 kernels: checkerboard patterns),
+    nearest or bilinear upsampling + a 3x3 convolution (blocky or smooth 2x2 structure), or a
+    3x3 convolution to 4x the channels + pixel shuffle (sub-pixel convolution: each output
+    pixel of a 2x2 cell from its own filter, a periodic pattern of another kind)."""
+    if kind == "transposed":
+        return [nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1)]
+    if kind == "pixelshuffle":
+        return [nn.Conv2d(cin, 4 * cout, 3, padding=1), nn.PixelShuffle(2)]
+    if kind in ("nearest", "bilinear"):
+        corners = {"align_corners": False} if kind == "bilinear" else {}
+        up = nn.Upsample(scale_factor=2, mode=kind, **corners)
+        return [up, nn.Conv2d(cin, cout, 3, padding=1)]
+    raise ValueError(f"upsampling {kind!r} must be one of {', '.join(UPSAMPLERS)}")
 
 
 class AutoEncoder(nn.Module):
     """Tiny conv autoencoder; the decoder upsamples with stride-2 transposed convolutions
     (``decoder="transposed"``, the demo set) or nearest-neighbour upsampling + a 3x3
-    convolution (``"nearest"``, ``data=demo_b``).
+    convolution (``"nearest"``, ``data=demo_b``); the zoo also builds it with ``"bilinear"``
+    and ``"pixelshuffle"`` decoders (:func:`upsample`).
 
     Those layers are the point: overlapping 4x4 kernels at stride 2 leave the periodic
     (checkerboard) patterns found in GAN and latent-diffusion decoder outputs; nearest
@@ -53,8 +74,8 @@ class AutoEncoder(nn.Module):
     def __init__(
         self, widths: tuple[int, ...] = (16, 32), latent: int = 8, decoder: str = "transposed"
     ) -> None:
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder={decoder!r} must be one of {', '.join(DECODERS)}")
+        if decoder not in UPSAMPLERS:
+            raise ValueError(f"decoder={decoder!r} must be one of {', '.join(UPSAMPLERS)}")
         super().__init__()
         enc: list[nn.Module] = []
         channels = 3
@@ -65,11 +86,7 @@ class AutoEncoder(nn.Module):
         dec: list[nn.Module] = []
         channels = latent
         for width in reversed(widths):
-            if decoder == "transposed":
-                dec += [nn.ConvTranspose2d(channels, width, 4, stride=2, padding=1), nn.ReLU()]
-            else:
-                up = nn.Upsample(scale_factor=2, mode="nearest")
-                dec += [up, nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
+            dec += [*upsample(decoder, channels, width), nn.ReLU()]
             channels = width
         dec += [nn.Conv2d(channels, 3, 3, padding=1), nn.Sigmoid()]
         self.encoder = nn.Sequential(*enc)
