@@ -99,9 +99,8 @@ def a_photograph() -> Image.Image:
 def test_training_stores_the_model_in_the_best_checkpoint(trained_run):
     checkpoint = load_checkpoint_file(trained_run["ckpt"])
     state = checkpoint["ood"]
-    assert state["feature"] == "hidden" and set(state["scales"]) == {"features", "stages", "pixels"}
-    assert state["means"]["features"].shape == (2, 128)
-    assert state["precisions"]["features"].shape == (128, 128)
+    # the default (ood.feature=none): early stages and pixels, no network-feature component
+    assert state["feature"] == "none" and set(state["scales"]) == {"stages", "pixels"}
     assert state["means"]["stages"].shape == (2, 2 * (32 + 48))  # test_resnet's layer1, layer2
     assert state["means"]["pixels"].shape == (2, 13)
     assert state["info"]["train_images"] == 38 and state["info"]["val_images"] == 10
@@ -207,7 +206,7 @@ def test_a_checkpoint_without_the_model_says_so_and_eval_can_refit_it(trained_ru
     refit = load_checkpoint_file(run / "checkpoint-ood.ckpt")["ood"]
     fitted = load_checkpoint_file(trained_run["ckpt"])["ood"]
     assert refit["threshold"] == pytest.approx(fitted["threshold"], rel=1e-4)
-    for part in ("features", "stages", "pixels"):
+    for part in ("stages", "pixels"):
         assert torch.allclose(refit["means"][part], fitted["means"][part], rtol=1e-4, atol=1e-6)
     assert report["ood"]["n_flagged"] == int(
         sum(r["in_domain"] == "False" for r in _rows(run / "predictions.csv"))
@@ -217,7 +216,7 @@ def test_a_checkpoint_without_the_model_says_so_and_eval_can_refit_it(trained_ru
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("ood.feature=logits", "ood.feature='logits' must be one of hidden, pooled"),
+    [("ood.feature=logits", "ood.feature='logits' must be one of none, hidden, pooled"),
      ("ood.quantile=1.5", "ood.quantile=1.5 must be in [0.5, 1)")],
 )  # fmt: skip
 def test_bad_ood_settings_stop_training_before_it_starts(image_folder, tmp_path, override, message):
@@ -231,3 +230,16 @@ def test_bad_ood_settings_stop_training_before_it_starts(image_folder, tmp_path,
     with pytest.raises(ConfigError, match=re.escape(message)):
         train(cfg)
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_the_network_features_are_a_component_only_when_asked_for():
+    from detector.evaluation.ood import components
+    from detector.model import Embedding
+
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    embedding = Embedding(
+        torch.zeros(4), torch.ones(4, 6), torch.full((4, 5), 2.0), torch.ones(4, 8)
+    )
+    assert set(components(images, embedding, "none")) == {"stages", "pixels"}
+    assert torch.equal(components(images, embedding, "hidden")["features"], embedding.hidden)
+    assert torch.equal(components(images, embedding, "pooled")["features"], embedding.pooled)

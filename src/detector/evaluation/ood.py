@@ -2,19 +2,20 @@
 
 A binary detector gives every input a label, also an image unlike anything it learned (random
 noise, a flat colour, another generator's images, a photograph at another scale), often with
-high confidence. Three Gaussian models of the training split, each one Gaussian per class with
-a shared covariance, scored by the smallest squared Mahalanobis distance to a class mean (Lee et
-al., NeurIPS 2018), look at three levels:
+high confidence. Gaussian models of the training split, each one Gaussian per class with a
+shared covariance, scored by the smallest squared Mahalanobis distance to a class mean (Lee et
+al., NeurIPS 2018), look at two levels, and at a third on request:
 
-* ``features``: the network's penultimate features (``ood.feature``: the head's ReLU
-  activations, or the pooled backbone features): what it has learned to see;
 * ``stages``: the channel means and spreads of the backbone's early stages (1/4 and 1/8 of the
   input): textures and edges, where other image sources differ first;
 * ``pixels``: simple statistics of the pixels at the model's input (channel means and spreads,
   the step between neighbours, the correlation of neighbours and of colour channels), far from
-  natural images for noise and flat colours.
+  natural images for noise and flat colours;
+* ``features`` (``ood.feature=hidden`` or ``pooled``; default ``none``): the network's
+  penultimate features. Measured, they separate other sources worse than the two above and
+  dilute them in the mean (docs/ood.md), so they are off unless asked for.
 
-``ood_score`` is the mean of the three distances, each divided by its median on the
+``ood_score`` is the mean of the distances, each divided by its median on the
 validation split (higher = less like the training data); the threshold is the ``quantile`` of
 the validation split's scores, so about ``1 - quantile`` of in-domain images are flagged by
 construction. The label is never changed: ``in_domain=false`` says it is unreliable.
@@ -34,7 +35,9 @@ import torch
 from detector.data.tiles import segment_mean
 from detector.errors import ConfigError
 
-FEATURES = ("hidden", "pooled")  # the head's ReLU activations, or the pooled backbone map
+# none: no network-feature component; hidden: the head's ReLU activations; pooled: the pooled
+# backbone map
+FEATURES = ("none", "hidden", "pooled")
 # Ridge added to a shared covariance, relative to its mean variance: features of a small
 # network are often rank-deficient (dead ReLUs), and the inverse must exist.
 RIDGE = 1e-3
@@ -107,7 +110,7 @@ class Gaussians:
         return (z[:, None] - centres[None]).pow(2).sum(-1).min(dim=1).values.double()
 
 
-COMPONENTS = ("features", "stages", "pixels")
+COMPONENTS = ("features", "stages", "pixels")  # in this order, those fitted
 
 
 @dataclass
@@ -123,7 +126,7 @@ class OODModel:
 
     def score(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean of the scaled distances of ``parts`` (component -> (N, D)), float32, CPU."""
-        scaled = [self.models[k].distance(parts[k]) / self.scales[k] for k in COMPONENTS]
+        scaled = [g.distance(parts[k]) / self.scales[k] for k, g in self.models.items()]
         return torch.stack(scaled).mean(0).float()
 
     def score_batch(
@@ -139,7 +142,7 @@ class OODModel:
 
     def state(self) -> dict:
         return {
-            "method": "mean scaled Mahalanobis distance of " + ", ".join(COMPONENTS),
+            "method": "mean scaled Mahalanobis distance of " + ", ".join(self.models),
             "feature": self.feature,
             "means": {k: g.means for k, g in self.models.items()},
             "precisions": {k: g.precision for k, g in self.models.items()},
@@ -163,6 +166,7 @@ class OODModel:
         models = {
             k: Gaussians(state["means"][k].double(), state["precisions"][k].double())
             for k in COMPONENTS
+            if k in state["means"]  # checkpoints before ood.feature=none hold all three
         }
         return cls(
             feature=state["feature"],
@@ -179,11 +183,9 @@ def components(
 ) -> dict[str, torch.Tensor]:
     """What each component reads, from a batch and its embedding; for a batch of tiles
     (``counts`` tiles per image) each image's mean over its tiles."""
-    parts = {
-        "features": embedding.hidden if feature == "hidden" else embedding.pooled,
-        "stages": embedding.stages,
-        "pixels": pixel_statistics(images),
-    }
+    parts = {"stages": embedding.stages, "pixels": pixel_statistics(images)}
+    if feature != "none":
+        parts["features"] = embedding.hidden if feature == "hidden" else embedding.pooled
     if counts is None:
         return parts
     return {k: segment_mean(v.float(), counts) for k, v in parts.items()}
@@ -205,8 +207,9 @@ def fit_ood(
 ) -> OODModel:
     """The density models of the training split's components (component -> (N, D)); scales
     and threshold from the validation split's."""
-    models = {k: Gaussians.fit(train[k], labels) for k in COMPONENTS}
-    scales = {k: float(models[k].distance(val[k]).median()) + 1e-12 for k in COMPONENTS}
+    names = [k for k in COMPONENTS if k in train]
+    models = {k: Gaussians.fit(train[k], labels) for k in names}
+    scales = {k: float(models[k].distance(val[k]).median()) + 1e-12 for k in names}
     model = OODModel(feature, models, scales, float("inf"), quantile, {})
     val_scores = model.score(val)
     model.threshold = float(torch.quantile(val_scores.double(), quantile))
@@ -214,7 +217,7 @@ def fit_ood(
         "train_images": len(labels),
         "val_images": len(val_scores),
         "val_flagged": float((val_scores > model.threshold).float().mean()),
-        "dims": {k: int(train[k].shape[1]) for k in COMPONENTS},
+        "dims": {k: int(train[k].shape[1]) for k in names},
     }
     return model
 
@@ -226,13 +229,13 @@ def collect_features(
     feature: str,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(component -> (N, D), labels) of every batch, on the CPU."""
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in COMPONENTS}
+    parts: dict[str, list[torch.Tensor]] = {}
     labels = []
     with torch.inference_mode():
         for images, targets, *counts in batches:  # counts: tiles per image (crop models)
             x = prepare(images)
             for k, v in components(x, embed(x), feature, *counts).items():
-                parts[k].append(v.float().cpu())
+                parts.setdefault(k, []).append(v.float().cpu())
             labels.append(targets.cpu())
     return {k: torch.cat(v) for k, v in parts.items()}, torch.cat(labels)
 
@@ -296,8 +299,11 @@ def ood_summary(
 
 
 def format_ood(summary: dict) -> str:
+    read = "early stages and pixels"
+    if summary["feature"] != "none":
+        read = f"{summary['feature']} features, {read}"
     lines = [
-        f"Out of domain ({summary['feature']} features, early stages and pixels; threshold "
+        f"Out of domain ({read}; threshold "
         f"{summary['threshold']:.4g} = "
         f"the {summary['quantile']:.0%} quantile of validation scores)",
         f"  {summary['n_flagged']} of {summary['n']} images ({summary['flagged']:.1%}) are unlike "

@@ -44,7 +44,12 @@ def refit_ood(
     datamodule = hydra.utils.instantiate({**data_cfg, "test_dir": None})
     datamodule.prepare_data()
     datamodule.setup("fit")
-    feature, quantile = str(spec.get("feature", "hidden")), float(spec.get("quantile", 0.95))
+    feature, quantile = str(spec.get("feature", "none")), float(spec.get("quantile", 0.95))
+    print(
+        f"fitting the out-of-domain model on {datamodule.train_dir} ({len(datamodule.train_set)} "
+        f"training, {len(datamodule.val_set)} validation images) ...",
+        flush=True,
+    )
     model.ood = fit_on_data(model, datamodule, trainer, feature, quantile)
     checkpoint = load_checkpoint_file(cfg.ckpt)
     checkpoint["ood"] = model.ood.state()

@@ -109,6 +109,9 @@ def _fit_ood(
     checkpoint (rank 0 writes, atomically; every rank waits for the file before testing it)."""
     checkpoint = load_checkpoint_file(best, setting="the best checkpoint")
     model.load_state_dict(checkpoint["state_dict"])
+    splits = (getattr(datamodule, "train_set", None), getattr(datamodule, "val_set", None))
+    sizes = " + ".join(f"{len(s):,}" for s in splits if s is not None)
+    rank_zero_only(log.info)("fitting the out-of-domain model on %s images ...", sizes)
     try:
         model.ood = fit_on_data(
             model, datamodule, trainer, str(settings.feature), float(settings.quantile)
@@ -122,9 +125,9 @@ def _fit_ood(
         AtomicCheckpointIO().save_checkpoint(checkpoint, best)
         info = model.ood.info
         log.info(
-            "out-of-domain model (%s features, %d training images) stored in %s: threshold "
+            "out-of-domain model (%s, %d training images) stored in %s: threshold "
             "%.4g flags %.1f%% of the %d validation images",
-            model.ood.feature,
+            ", ".join(model.ood.models),
             info["train_images"],
             best,
             model.ood.threshold,
