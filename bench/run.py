@@ -15,7 +15,8 @@ For each image size (32 px: CIFAKE's native size with its config; 224 px: the pa
   f. torchvision     a plain ``ImageFolder`` + ``DataLoader(num_workers=2)`` with PIL resize,
                      ``ToTensor`` and ``Normalize``: the usual way, for comparison.
 
-Medians over the repeats; ratios b/a, c/d, e/a and e/f, checked against the targets. Then the
+Medians over the repeats; ratios b/a, c/d, e/a and e/f (medians of each repeat's ratio),
+checked against the targets. Then the
 recipe (``experiment=cifake_cpu``: batch 256, fused AdamW, the EMA callback) the same way, a and
 b, plus what its checkpoints cost per step (one complete and one lean save, timed, spread over
 the steps between two validations). Also
@@ -550,12 +551,7 @@ def measure_size(size: int, args, out: Path) -> dict:
             "e_loader": med["e"],
             "f_torchvision_loader": med["f"],
         },
-        "ratios": {
-            "b/a": med["b"] / med["a"],
-            "c/d": med["c"] / med["d"],
-            "e/a": med["e"] / med["a"],
-            "e/f": med["e"] / med["f"],
-        },
+        "ratios": {k: paired_ratio(runs, *k.split("/")) for k in ("b/a", "c/d", "e/a", "e/f")},
         "repeats": {k: [round(x, 2) for x in v] for k, v in runs.items()},
     }
 
@@ -598,13 +594,15 @@ def measure_recipe(args, out: Path) -> dict:
         del trainer
         log.info("  %s", {k: round(v[-1], 1) for k, v in runs.items()})
         gc.collect()
-    med = {k: statistics.median(v) for k, v in runs.items()}
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.setup("fit")
     steps_per_val = len(datamodule.train_dataloader()) * cfg.trainer.check_val_every_n_epoch
-    step_s = cfg.data.batch_size / med["b"]
-    per_val = saves["complete"] + saves["lean"]
-    with_saves = cfg.data.batch_size / (step_s + per_val / steps_per_val)
+    per_step = (saves["complete"] + saves["lean"]) / steps_per_val
+    # the train path with its checkpoints: their save time spread over the steps between two
+    runs["b_ckpt"] = [  # validations (one of each is written per validation)
+        cfg.data.batch_size / (cfg.data.batch_size / b + per_step) for b in runs["b"]
+    ]
+    med = {k: statistics.median(v) for k, v in runs.items()}
     return {
         "name": "experiment=cifake_cpu",
         "overrides": overrides,
@@ -613,10 +611,20 @@ def measure_recipe(args, out: Path) -> dict:
         "steps": {"train": steps, "warmup": warmup, "between_validations": steps_per_val},
         "img_per_s": {"a_bare_train": med["a"], "b_train_path": med["b"]},
         "checkpoint_s": saves,
-        "b_with_checkpoints": with_saves,
-        "ratios": {"b/a": with_saves / med["a"], "b/a_without_checkpoints": med["b"] / med["a"]},
+        "b_with_checkpoints": med["b_ckpt"],
+        "ratios": {
+            "b/a": paired_ratio(runs, "b_ckpt", "a"),
+            "b/a_without_checkpoints": paired_ratio(runs, "b", "a"),
+        },
         "repeats": {k: [round(x, 2) for x in v] for k, v in runs.items()},
     }
+
+
+def paired_ratio(runs: dict[str, list[float]], top: str, bottom: str) -> float:
+    """The median over repeats of one repeat's ratio: the two paths of a repeat run back to
+    back, so they share the machine's state; medians of each path taken apart would pair a
+    quiet moment of one with a busy moment of the other."""
+    return statistics.median(t / b for t, b in zip(runs[top], runs[bottom], strict=True))
 
 
 def measure_means(args, out: Path) -> list[dict]:

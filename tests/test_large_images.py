@@ -42,14 +42,16 @@ def _full_decode(path: Path, size: int) -> torch.Tensor:
         return pil_to_tensor(to_rgb(img).resize((size, size), Image.BILINEAR))
 
 
-def test_draft_scale_keeps_four_times_the_target_size(tmp_path):
+def test_draft_scale_keeps_eight_times_the_target_size(tmp_path):
     path = _photo(tmp_path / "big.jpg")
     with Image.open(path) as img:
-        assert draft_jpeg(img, 32) == 8 and img.size == (128, 192)  # 1024x1536 / 8
+        assert draft_jpeg(img, 32) == 4 and img.size == (256, 384)  # 1024x1536 / 4
     with Image.open(path) as img:
-        assert draft_jpeg(img, 224) == 1 and img.size == (1024, 1536)  # 896 px would not remain
+        assert draft_jpeg(img, 16) == 8 and img.size == (128, 192)  # libjpeg's smallest scale
     with Image.open(path) as img:
-        assert draft_jpeg(img, 128) == 2 and img.size == (512, 768)
+        assert draft_jpeg(img, 128) == 1 and img.size == (1024, 1536)  # 1/2 would leave 512 px
+    with Image.open(path) as img:
+        assert draft_jpeg(img, 64) == 2 and img.size == (512, 768)
     png = tmp_path / "big.png"
     Image.open(path).save(png)
     with Image.open(png) as img:

@@ -514,3 +514,11 @@ def test_bench_runs_and_writes_every_number(image_folder, tmp_path):
     assert {m["what"] for m in result["means"]} == {"bare train", "loader"}
     assert "| **b/a** |" in done.stdout and "targets" in done.stdout
     assert {t["what"] for t in result["targets"]} >= {"b/a", "c/d", "e/a", "e/f", "e_loader"}
+    # the recipe's step, its callbacks on, its checkpoints timed and spread over a validation
+    recipe = result["recipe"]
+    assert recipe["overrides"][0] == "experiment=cifake_cpu" and recipe["batch_size"] == 8
+    assert recipe["img_per_s"]["a_bare_train"] > 0 and recipe["img_per_s"]["b_train_path"] > 0
+    assert recipe["checkpoint_s"]["complete_mb"] > recipe["checkpoint_s"]["lean_mb"] > 0
+    assert recipe["b_with_checkpoints"] <= recipe["img_per_s"]["b_train_path"]
+    assert "b/a experiment=cifake_cpu" in {t["what"] for t in result["targets"]}
+    assert "| `experiment=cifake_cpu`, 32 px |" in done.stdout

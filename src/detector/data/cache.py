@@ -49,7 +49,9 @@ from detector.files import atomic_write_text, display
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3  # 2: (N, H, W, 3) rows; 3: large JPEGs decoded at reduced size (draft_jpeg)
+# 2: (N, H, W, 3) rows; 3: large JPEGs decoded at reduced size (draft_jpeg); 4: at most 1/8 of
+# the way down to the input size (decode.DRAFT_FACTOR 8)
+CACHE_VERSION = 4
 FOLDER_NAME = ".detector-cache"
 # Space left free on the disk after the cache is written.
 DISK_MARGIN = 1 << 30
