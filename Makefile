@@ -39,9 +39,10 @@ format: install
 tensorboard: install
 	$(BIN)/tensorboard --logdir logs --bind_all
 
-bench: install  ## images/s of every path vs the bare-PyTorch limit -> bench/results/latest.json
+bench: install  ## every speed row of docs/speed.md with its target: paths vs the bare-PyTorch limit, large JPEGs, checkpoints, start-up
 	$(BIN)/python bench/run.py --means $(ARGS)
 	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/startup.py
 
 bench-decode: install  ## large JPEGs (draft vs full decode) and checkpoint sizes: [CKPT=a trained 32 px ckpt]
 	$(BIN)/python bench/decode.py $(if $(CKPT),--ckpt $(CKPT))
