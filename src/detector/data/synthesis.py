@@ -57,6 +57,17 @@ def upsample(kind: str, cin: int, cout: int) -> list[nn.Module]:
     raise ValueError(f"upsampling {kind!r} must be one of {', '.join(UPSAMPLERS)}")
 
 
+def downsampling_layers(widths: tuple[int, ...]) -> tuple[list[nn.Module], int]:
+    """An encoder's stride-2 4x4 convolutions (each halving the map) from RGB through
+    ``widths``, and the channels they end with; shared by the demo's and the zoo's networks."""
+    layers: list[nn.Module] = []
+    channels = 3
+    for width in widths:
+        layers += [nn.Conv2d(channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        channels = width
+    return layers, channels
+
+
 class AutoEncoder(nn.Module):
     """Tiny conv autoencoder; the decoder upsamples with stride-2 transposed convolutions
     (``decoder="transposed"``, the demo set) or nearest-neighbour upsampling + a 3x3
@@ -77,11 +88,7 @@ class AutoEncoder(nn.Module):
         if decoder not in UPSAMPLERS:
             raise ValueError(f"decoder={decoder!r} must be one of {', '.join(UPSAMPLERS)}")
         super().__init__()
-        enc: list[nn.Module] = []
-        channels = 3
-        for width in widths:
-            enc += [nn.Conv2d(channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
-            channels = width
+        enc, channels = downsampling_layers(widths)
         enc.append(nn.Conv2d(channels, latent, 1))
         dec: list[nn.Module] = []
         channels = latent

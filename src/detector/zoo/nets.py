@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from detector.data.synthesis import AutoEncoder, upsample
+from detector.data.synthesis import AutoEncoder, downsampling_layers, upsample
 
 # Autoencoder members: twice the demo's widths, the demo's 8 x 8 x 8 latent (6x fewer numbers
 # than the image: content is kept, fine detail partly lost, as in a latent-diffusion VAE)
@@ -65,11 +65,7 @@ class VAE(nn.Module):
         decoder: str = "nearest",
     ) -> None:
         super().__init__()
-        enc: list[nn.Module] = []
-        channels = 3
-        for width in widths:
-            enc += [nn.Conv2d(channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
-            channels = width
+        enc, channels = downsampling_layers(widths)
         self.encoder = nn.Sequential(*enc, nn.Flatten())
         self.to_stats = nn.Linear(channels * 16, 2 * latent)
         self.from_latent = nn.Linear(latent, channels * 16)
