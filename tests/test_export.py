@@ -103,13 +103,16 @@ def test_export_refuses_bad_settings(trained_run, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_exported_flip_average_scores_like_pytorch_at_another_batch_size(tmp_path, fmt):
-    """The mirror image is scored inside the exported graph too, for any batch size."""
+    """The mirror image is scored, and the NPR residual taken, inside the exported graph too,
+    for any batch size."""
     import lightning as L
 
     from detector.module import DetectorModule
 
     torch.manual_seed(0)
-    module = DetectorModule(backbone="test_resnet", image_size=32, flip_average=True)
+    module = DetectorModule(
+        backbone="test_resnet", image_size=32, flip_average=True, input_filter="npr"
+    )
     trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
     trainer.strategy.connect(module)
     ckpt = tmp_path / "flip.ckpt"
@@ -117,7 +120,7 @@ def test_exported_flip_average_scores_like_pytorch_at_another_batch_size(tmp_pat
     result = export(compose_config("export", tmp_path, [f"ckpt={ckpt}", f"format={fmt}"]))
     assert result["check"]["max_abs_diff_probability"] <= 1e-4  # batch 3; traced at batch 2
     detector = Detector.from_checkpoint(ckpt)
-    assert detector.net.flip_average
+    assert detector.net.flip_average and detector.net.input_filter == "npr"
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
     got = run_exported(fmt, result["output"], images.float() / 255)
     torch.testing.assert_close(got, detector.score(images), rtol=0, atol=1e-4)

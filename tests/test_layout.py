@@ -103,7 +103,7 @@ def test_imports_point_one_way():
         "detector.errors": 0,
         "detector.files": 1,
         "detector.hardware": 1,
-        "detector.launch_env": 1,
+        "detector.launch_env": 0,
         "detector.distributed": 2,
         "detector.config": 3,
     }

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from detector.errors import ConfigError
-from detector.model import SEClassifier, SqueezeExcitation
+from detector.model import SEClassifier, SqueezeExcitation, upsampling_residual
 from detector.module import DetectorModule
 
 
@@ -179,3 +179,24 @@ def test_regularisation_settings_out_of_range_are_config_errors(kwargs, message)
 def test_drop_path_on_a_backbone_without_it_names_both_settings():
     with pytest.raises(ConfigError, match=r"model.drop_path_rate=0.1: model.backbone='vgg11'"):
         SEClassifier("vgg11", drop_path_rate=0.1)
+
+
+def test_npr_input_filter_feeds_the_backbone_the_upsampling_residual():
+    blocky = torch.rand(2, 3, 16, 16).repeat_interleave(2, -2).repeat_interleave(2, -1)
+    assert upsampling_residual(blocky).abs().max() == 0  # nearest 2x upsampling: no residual
+    x = torch.rand(2, 3, 33, 32)  # odd sizes keep their shape
+    residual = upsampling_residual(x)
+    assert residual.shape == x.shape and residual[..., ::2, ::2].abs().max() == 0
+    plain = SEClassifier("test_resnet").eval()
+    npr = SEClassifier("test_resnet", input_filter="npr").eval()
+    npr.load_state_dict(plain.state_dict())  # same weights, no new ones
+    seen = []
+    npr.backbone.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert not torch.allclose(npr(images), plain(images))
+    torch.testing.assert_close(seen[0], upsampling_residual(npr.normalize(images)))
+    module = DetectorModule(backbone="test_resnet", input_filter="npr")
+    assert module.hparams.input_filter == "npr" and module.net.input_filter == "npr"
+    assert DetectorModule(backbone="test_resnet").hparams.input_filter == "none"
+    with pytest.raises(ConfigError, match=r"model.input_filter='srm': one of none, npr"):
+        SEClassifier("test_resnet", input_filter="srm")

@@ -427,10 +427,10 @@ def test_loader_workers_default_to_none_on_the_cpu_and_some_per_gpu(tmp_path, mo
     assert hardware.auto_workers("cpu") == hardware.auto_workers("auto") == 0
     monkeypatch.setattr(hardware.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(hardware.torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 32)
+    monkeypatch.setattr(hardware, "cpu_cores", lambda: 32)
     assert hardware.auto_workers("auto") == hardware.auto_workers("gpu") == 8
     assert hardware.auto_workers("cpu") == 0
-    monkeypatch.setattr(hardware.os, "cpu_count", lambda: 6)
+    monkeypatch.setattr(hardware, "cpu_cores", lambda: 6)
     assert hardware.auto_workers("gpu") == 3
     assert compose_config("train", tmp_path, ["trainer=gpu"]).data.num_workers == 3
 

@@ -17,6 +17,7 @@ from detector.zoo import build
 from detector.zoo.__main__ import main
 from detector.zoo.build import ZooSettings, build_zoo
 from detector.zoo.nets import MEMBERS
+from detector.zoo.rest import write_rest
 
 MEMBERS_USED = "tconv,dcgan"  # an autoencoder (samples + reconstructions) and the GAN
 PER_CLASS, TEST_PER_CLASS, TRAIN_IMAGES = 6, 2, 16
@@ -198,3 +199,50 @@ def test_command_line(real_dir, tmp_path, capsys):
     assert "zoo: vae: done in" in capsys.readouterr().out
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     assert os.path.isfile(out / "vae" / "train" / "FAKE" / "sample_00001.jpg")
+
+
+def test_rest_links_only_files_no_member_used(tmp_path):
+    """OUT/rest: the real files after all six members' slices (built or not) and as many FAKE
+    files, linked, first ones to test/; up to date when unchanged; skipped without FAKE."""
+    real = make_real_dir(tmp_path / "cifake" / "REAL", N_REAL + 7)
+    fake = make_real_dir(tmp_path / "cifake" / "FAKE", 20, seed=1)
+    out, lines = tmp_path / "zoo", []
+    files = build.list_real(real)
+    info = write_rest(out, files, settings(real), test_per_class=3, log=lines.append)
+    rest = out / "rest"
+    linked = {
+        (split, cls): sorted(p.name for p in (rest / split / cls).iterdir())
+        for split in ("train", "test")
+        for cls in ("FAKE", "REAL")
+    }
+    unused = [p.name for p in files[N_REAL:]]  # 7 files after the members' 112
+    assert linked[("test", "REAL")] == unused[:3] and linked[("train", "REAL")] == unused[3:]
+    fakes = [p.name for p in build.list_real(fake)][:7]
+    assert linked[("test", "FAKE")] == fakes[:3] and linked[("train", "FAKE")] == fakes[3:]
+    target = rest / "train" / "REAL" / unused[3]
+    assert target.is_symlink() and target.resolve() == (real / unused[3]).resolve()
+    assert info["counts"] == {"train": 4, "test": 3} and info["real_files"] == [
+        unused[0],
+        unused[-1],
+    ]
+    assert lines == [
+        f"zoo: rest: 4 + 3 images per class linked in {rest} (real files from {unused[0]})"
+    ]
+    lines.clear()
+    write_rest(out, files, settings(real), test_per_class=3, log=lines.append)
+    assert lines == [f"zoo: rest: up to date ({rest / 'member.json'}), skipped"]
+    write_rest(out, files, settings(real), test_per_class=7, log=lines.append)
+    assert (
+        lines[-1].startswith("zoo: rest: skipped: ")
+        and "more than --rest-test-per-class 7" in lines[-1]
+    )
+    lonely = make_real_dir(tmp_path / "lonely" / "REAL", N_REAL + 4)
+    lines.clear()
+    assert (
+        write_rest(tmp_path / "z2", build.list_real(lonely), settings(lonely), 1, lines.append)
+        is None
+    )
+    assert lines == [
+        f"zoo: rest: no {tmp_path / 'lonely' / 'FAKE'} beside the real folder, skipped"
+    ]
+    assert main([str(tmp_path / "z3"), "--rest-test-per-class", "0"]) == 2

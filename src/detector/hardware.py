@@ -17,12 +17,12 @@ workers leave (:func:`threads_beside_workers`).
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import torch
 
 from detector.errors import ConfigError
+from detector.launch_env import cpu_cores
 
 AUTO = "auto"
 
@@ -67,15 +67,7 @@ def auto_workers(accelerator: str | None = AUTO) -> int:
     if runs_on_cpu(accelerator):
         return 0
     gpus = max(1, torch.cuda.device_count())
-    return max(1, min(8, (os.cpu_count() or 1) // gpus))
-
-
-def cpu_cores() -> int:
-    """The cores this process may run on (its affinity mask: a container's or taskset's share)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+    return max(1, min(8, cpu_cores() // gpus))
 
 
 @contextlib.contextmanager

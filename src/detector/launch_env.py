@@ -1,6 +1,7 @@
-"""What the launcher (torchrun, srun, Lightning's own) says about this process, read from the
-environment alone: the config's resolvers need it for every command, so it imports nothing
-heavy (``detector.distributed``, which uses Lightning, re-exports it)."""
+"""What the launcher (torchrun, srun, Lightning's own, a container or taskset) says about this
+process, read from the environment alone: the config's resolvers, the start-up scan's workers
+and the service need it, so it imports nothing heavy (``detector.distributed``, which uses
+Lightning, re-exports it)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,15 @@ import os
 
 RUN_ID_VARIABLE = "DETECTOR_RUN_ID"
 _RANK_VARIABLES = ("RANK", "SLURM_PROCID", "GROUP_RANK", "NODE_RANK", "LOCAL_RANK")
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on: its affinity mask (a container's, taskset's or
+    srun's share), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def slurm_tasks() -> int:

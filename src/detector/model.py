@@ -9,6 +9,7 @@ from typing import NamedTuple
 import timm
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from detector.errors import ConfigError
 from detector.matmul_conv import set_matmul_convs
@@ -48,6 +49,18 @@ def channel_mean_std(maps: torch.Tensor) -> torch.Tensor:
     return torch.cat([mean, (var * (h * w / max(h * w - 1, 1))).sqrt()], 1)
 
 
+INPUT_FILTERS = ("none", "npr")
+
+
+def upsampling_residual(x: torch.Tensor) -> torch.Tensor:
+    """The image minus its nearest-neighbour 2x down- and up-sampled copy (NPR, Tan et al.,
+    CVPR 2024): what is left are the correlations between neighbouring pixels that a
+    generator's upsampling layers leave behind, and little of the scene, which is what lets
+    a detector carry over to generators it never saw."""
+    up = F.interpolate(x[..., ::2, ::2], scale_factor=2.0, mode="nearest")
+    return x - up[..., : x.shape[-2], : x.shape[-1]]  # odd sizes: the last row/column cut
+
+
 class Embedding(NamedTuple):
     """What :meth:`SEClassifier.embed` returns, one row per image."""
 
@@ -63,6 +76,9 @@ class SEClassifier(nn.Module):
     Input is an RGB batch, either uint8 in [0, 255] or float in [0, 1]; normalisation with the
     backbone's own mean/std happens here so that every caller (train, eval, predict, export)
     shares one preprocessing contract.
+
+    ``input_filter``: ``npr`` feeds the backbone :func:`upsampling_residual` of the image
+    instead of the image (docs/zoo.md, the ablation).
 
     ``flip_average``: outside training, the logit is the mean of the image's and its mirror
     image's (test-time augmentation). A model trained with horizontal flips treats both as the
@@ -82,8 +98,14 @@ class SEClassifier(nn.Module):
         flip_average: bool = False,
         matmul_convs: bool = True,
         drop_path_rate: float = 0.0,
+        input_filter: str = "none",
     ) -> None:
         super().__init__()
+        if input_filter not in INPUT_FILTERS:
+            raise ConfigError(
+                f"model.input_filter={input_filter!r}: one of {', '.join(INPUT_FILTERS)}"
+            )
+        self.input_filter = input_filter
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"model.dropout={dropout} must be in [0, 1)")
         if not 0.0 <= drop_path_rate < 1.0:
@@ -120,7 +142,10 @@ class SEClassifier(nn.Module):
         return (x - self.mean) / self.std
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.se(self.backbone(self.normalize(x)))
+        x = self.normalize(x)
+        if self.input_filter == "npr":
+            x = upsampling_residual(x)
+        return self.se(self.backbone(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape (N,): sigmoid gives the probability of class index 1."""

@@ -46,6 +46,7 @@ from detector.data.decode import (
 )
 from detector.errors import ConfigError, DataError
 from detector.files import atomic_write_text, display
+from detector.launch_env import cpu_cores
 
 log = logging.getLogger(__name__)
 
@@ -200,9 +201,7 @@ def open_cache(
                 size,
                 nbytes / 2**20,
             )
-            bad = _build(
-                file, [p for p, _ in samples], size, max_pixels, workers or os.cpu_count() or 1
-            )
+            bad = _build(file, [p for p, _ in samples], size, max_pixels, workers or cpu_cores())
             atomic_write_text(meta, json.dumps({"version": CACHE_VERSION, "bad_rows": bad}))
     images = np.load(file, mmap_mode="r")
     if images.shape != (len(samples), size, size, 3) or images.dtype != np.uint8:

@@ -35,6 +35,7 @@ from detector.data.decode import (
     to_rgb,
 )
 from detector.files import atomic_write_text, display
+from detector.launch_env import cpu_cores
 
 log = logging.getLogger(__name__)
 
@@ -230,14 +231,6 @@ def _write_cache(folder: Path, settings: dict, files: dict[str, list]) -> Path |
 # The scan.
 
 
-def _usable_cpus() -> int:
-    """CPUs this process may run on (a container's or taskset's limit, not the machine's)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def _chunks(items: Sequence[str], size: int) -> Iterator[list[str]]:
     for i in range(0, len(items), size):
         yield list(items[i : i + size])
@@ -311,7 +304,7 @@ def scan_folder(
 
     verdicts, keys, to_check = _cached_verdicts(listed, cache, cut, result)
     if to_check:
-        n_workers = workers or _usable_cpus()
+        n_workers = workers or cpu_cores()
         if len(to_check) >= PARALLEL_THRESHOLD:
             log.info(
                 "checking %d image files in %s with %d workers (verdicts are cached for later "

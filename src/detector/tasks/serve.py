@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from detector.api import Detector
 from detector.errors import ConfigError
+from detector.launch_env import cpu_cores
 from detector.serve.app import DetectorAPI, ModelSettings, build_server
 from detector.serve.card import model_card
 from detector.serve.uploads import Limits
@@ -73,8 +74,7 @@ def check_settings(cfg: DictConfig) -> tuple[str, str]:
 def _threads(cfg: DictConfig) -> int:
     if cfg.get("threads") is not None:
         return int(cfg.threads)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // int(cfg.workers))
+    return max(1, cpu_cores() // int(cfg.workers))
 
 
 def limits_from(cfg: DictConfig) -> Limits:

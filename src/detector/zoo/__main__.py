@@ -7,8 +7,9 @@ import sys
 import time
 
 from detector.errors import DetectorError
-from detector.zoo.build import MODES, REAL_DIR, ZooSettings, build_zoo
+from detector.zoo.build import MODES, REAL_DIR, ZooSettings, build_zoo, list_real
 from detector.zoo.nets import MEMBERS
+from detector.zoo.rest import REST, write_rest
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,7 +53,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="FAKE: mixed = half samples, half "
         "reconstructions of held-out real images (samples only for dcgan)",
     )
+    parser.add_argument(
+        "--no-rest",
+        action="store_true",
+        help=f"do not link OUT/{REST}: the real folder's images no member used, with as many "
+        "of its FAKE sibling's (the leak-free CIFAKE source for leave-one-out)",
+    )
+    parser.add_argument(
+        "--rest-test-per-class",
+        type=int,
+        default=1000,
+        help=f"test/ images per class in OUT/{REST} (default: 1000)",
+    )
     return parser.parse_args(argv)
+
+
+def log(line: str) -> None:
+    print(line, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,9 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         test_per_class=args.test_per_class,
         mode=args.mode,
     )
+    if args.rest_test_per_class < 1:
+        print("error: --rest-test-per-class must be at least 1", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
-        built = build_zoo(args.out, args.members, settings, log=lambda s: print(s, flush=True))
+        built = build_zoo(args.out, args.members, settings, log=log)
+        if not args.no_rest:
+            write_rest(
+                args.out, list_real(settings.real_dir), settings, args.rest_test_per_class, log
+            )
     except DetectorError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

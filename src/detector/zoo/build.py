@@ -243,7 +243,7 @@ def _progress(name: str, steps: int, start: float, log: Callable[[str], None]):
     return tick
 
 
-def _swap_in(tmp: Path, folder: Path) -> None:
+def swap_in(tmp: Path, folder: Path) -> None:
     """Move the finished ``tmp`` to ``folder``, replacing a stale member there."""
     old = None
     if folder.exists():
@@ -300,7 +300,7 @@ def build_member(
         }
         # Written last, then the folder renamed into place: a folder at OUT/<member> is done.
         atomic_write_text(tmp / MEMBER_FILE, json.dumps(info, indent=2) + "\n")
-        _swap_in(tmp, folder)
+        swap_in(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,112 @@
+"""``OUT/rest``: the real folder's own images that no zoo member used, beside as many files of
+its FAKE sibling, as a source of their own (docs/zoo.md, "Which real images").
+
+Why: the zoo's REAL images and the images it reconstructs are real training files (CIFAKE's).
+A leave-one-out model that trains on the whole CIFAKE folder beside the zoo has seen the
+held-out member's REAL images, and the originals of its reconstructions, labelled REAL; its
+score on that member measures memory, not generalisation. This folder holds only the files
+after every member's slice (all six, built or not, so it never changes when members are
+added), linked rather than copied, split into train/ and test/ so that CIFAKE gets a column of
+its own in the matrix (never CIFAKE's held-out test split).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from detector.data.demo import remove_stale_builds
+from detector.files import atomic_write_text, display
+from detector.zoo.build import MARKER, MEMBER_FILE, SUFFIXES, ZooSettings, read_member, swap_in
+from detector.zoo.nets import MEMBERS
+
+REST = "rest"
+REST_VERSION = 1
+
+
+def unused_real(files: list[Path], settings: ZooSettings) -> list[Path]:
+    """The sorted real files after the slices of all of the zoo's members."""
+    return files[settings.train_images + len(MEMBERS) * settings.block :]
+
+
+def _fake_files(real_dir: Path) -> list[Path]:
+    folder = real_dir.parent / "FAKE"
+    if not folder.is_dir():
+        return []
+    return sorted(
+        (p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES and p.is_file()),
+        key=lambda p: p.name,
+    )
+
+
+def _link_all(files: list[Path], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in files:
+        os.symlink(path.resolve(), folder / path.name)
+
+
+def write_rest(
+    out: str | Path,
+    files: list[Path],
+    settings: ZooSettings,
+    test_per_class: int = 1000,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any] | None:
+    """Link the unused REAL files and as many FAKE ones into ``out/rest/{train,test}/{FAKE,REAL}``
+    (the first ``test_per_class`` of each class to test/); None, with a line said, when the real
+    folder has no FAKE sibling or too few files are left. Up to date when its settings match."""
+    real_dir = Path(settings.real_dir)
+    real, fake = unused_real(files, settings), _fake_files(real_dir)
+    folder = Path(out) / REST
+    if not fake:
+        log(f"zoo: {REST}: no {display(real_dir.parent / 'FAKE')} beside the real folder, skipped")
+        return None
+    n = min(len(real), len(fake))
+    if n <= test_per_class:
+        log(
+            f"zoo: {REST}: skipped: {display(real_dir)} leaves {len(real)} real images unused by "
+            f"the zoo and {display(real_dir.parent / 'FAKE')} holds {len(fake)}; more than "
+            f"--rest-test-per-class {test_per_class} of each are needed"
+        )
+        return None
+    wanted = {
+        "real_dir": str(real_dir.absolute()),
+        "first_real": real[0].name,
+        "per_class": n,
+        "test_per_class": test_per_class,
+        "version": REST_VERSION,
+    }
+    info = read_member(folder)
+    if info is not None and info.get("settings") == wanted:
+        log(f"zoo: {REST}: up to date ({display(folder / MEMBER_FILE)}), skipped")
+        return info
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{REST}.tmp-", dir=folder.parent))
+    try:
+        for cls, chosen in (("REAL", real[:n]), ("FAKE", fake[:n])):
+            _link_all(chosen[:test_per_class], tmp / "test" / cls)
+            _link_all(chosen[test_per_class:], tmp / "train" / cls)
+        info = {
+            "zoo": MARKER,
+            "member": REST,
+            "about": "the real folder's images no member used, and as many FAKE ones (links)",
+            "settings": wanted,
+            "counts": {"train": n - test_per_class, "test": test_per_class},
+            "real_files": [real[0].name, real[n - 1].name],
+        }
+        atomic_write_text(tmp / MEMBER_FILE, json.dumps(info, indent=2) + "\n")
+        swap_in(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log(
+        f"zoo: {REST}: {n - test_per_class} + {test_per_class} images per class linked in "
+        f"{display(folder)} (real files from {real[0].name})"
+    )
+    return info
