@@ -180,6 +180,7 @@ def eval_cell(row: Row, test: Source, ckpt: str, overrides: list[str], out: Path
     cfg = compose_config("eval", [*test.overrides(), f"ckpt={ckpt}", *overrides], folder)
     report = evaluate(cfg)
     cell = {k: report[k] for k in CELL_KEYS} | {"ckpt": ckpt}
+    cell["ood_flagged"] = report["ood"]["flagged"] if "ood" in report else None
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(cell, indent=2) + "\n")
     print(f"cross: eval {row.name} -> {test.name}: AUROC {cell['auroc']:.4f}", flush=True)
@@ -216,9 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
         for test in sources:
             cells[(row.name, test.name)] = eval_cell(row, test, ckpt, eval_overrides, out)
     seen = {row.name: row.seen for row in rows}
-    paths = write_matrix(
-        cells, [r.name for r in rows], [s.name for s in sources], seen, out, command
-    )
+    names = [s.name for s in sources]
+    loo = args.mode == "leave-one-out"
+    paths = write_matrix(cells, [r.name for r in rows], names, seen, out, command, loo)
     print((out / "matrix.md").read_text())
     print("written: " + ", ".join(str(p) for p in paths.values()))
     return {"cells": cells, "paths": paths}

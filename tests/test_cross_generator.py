@@ -61,11 +61,13 @@ def test_matrix_is_written_and_resumed_cell_by_cell(two_sources, tmp_path):
         )
         assert float(r["auroc"]) == pytest.approx(report["auroc"])
         assert float(r["average_precision"]) == pytest.approx(report["average_precision"])
+        assert float(r["ood_flagged"]) == pytest.approx(report["ood"]["flagged"])
     md = (out / "matrix.md").read_text()
     assert "## AUROC" in md and "## AP" in md and "--sources a=" in md
     aa = float(rows[0]["auroc"])
     assert f"| a | **{aa:.4f}** |" in md
     assert (out / "matrix.png").stat().st_size > 5000
+    assert "## Left out" not in md and not (out / "held_out.json").exists()  # per-source
     assert "scripts/cross_generator.py --sources" in (out / "command.txt").read_text()
 
     again = run_script(SCRIPT, *args, cwd=tmp_path)
@@ -125,3 +127,33 @@ def test_always_sources_are_trained_on_and_never_left_out(two_sources, tmp_path)
     done = run_script(SCRIPT, "--sources", "demo,demo_b", "--always", "demo", cwd=tmp_path)
     assert done.returncode == 2
     assert "error: --always applies to --mode leave-one-out only" in done.stderr
+
+
+def test_leave_one_out_summary_gives_each_left_out_source_and_the_mean_and_worst(tmp_path):
+    from detector.evaluation.matrix import write_matrix
+
+    cols = ["cifake", "tconv", "vae"]
+    aurocs = {"tconv": 0.9, "vae": 0.7}
+    cells = {
+        (f"all-but-{held}", col): {
+            "auroc": aurocs[held] if col == held else 0.99,
+            "accuracy": 0.8,
+            "average_precision": 0.85,
+            "n": 10,
+            "ood_flagged": 0.25 if col == held else 0.05,
+        }
+        for held in aurocs
+        for col in cols
+    }
+    rows = ["all-but-tconv", "all-but-vae"]
+    seen = {"all-but-tconv": ["cifake", "vae"], "all-but-vae": ["cifake", "tconv"]}
+    paths = write_matrix(cells, rows, cols, seen, tmp_path, "python scripts/x.py", True)
+    summary = json.loads(paths["held_out"].read_text())
+    assert summary["mean_auroc"] == pytest.approx(0.8) and summary["worst_auroc"] == 0.7
+    assert summary["worst"] == "vae" and summary["members"]["tconv"]["row"] == "all-but-tconv"
+    assert summary["members"]["vae"]["ood_flagged"] == 0.25
+    md = paths["md"].read_text()
+    assert "| vae | 0.7000 | 0.8000 | 0.8500 | 25.0% |" in md
+    assert "Mean AUROC **0.8000**, worst **0.7000** (vae)." in md
+    with paths["csv"].open() as f:
+        assert [r["ood_flagged"] for r in csv.DictReader(f)][:2] == ["0.05", "0.25"]

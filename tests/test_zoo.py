@@ -142,6 +142,7 @@ def test_a_built_member_is_skipped_and_a_changed_one_rebuilt(zoo, real_dir, tmp_
     assert lines == [f"zoo: tconv: up to date ({stamp}), skipped"]
     assert stamp.stat().st_mtime_ns == mtime
     lines.clear()
+    (out / "tconv" / ".detector-cache").mkdir()  # what training with data.cache=true leaves
     build_zoo(out, "tconv", settings(real_dir, steps=5), log=lines.append)
     assert lines[0] == "zoo: tconv: training 5 steps on 16 images"
     assert json.loads(stamp.read_text())["settings"]["steps"] == 5

@@ -8,6 +8,7 @@ the seen case, the mean of the rest of a row the unseen one.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from detector.files import atomic_write_text
 # (column in the cells, title)
 METRICS = (("auroc", "AUROC"), ("accuracy", "accuracy"), ("average_precision", "AP"))
 Cells = Mapping[tuple[str, str], Mapping[str, float]]
+# a left-out source's numbers in the leave-one-out summary
+CELL_SUMMARY = ("auroc", "accuracy", "average_precision", "ood_flagged")
 
 
 def _value(cells: Cells, row: str, col: str, key: str) -> float:
@@ -36,14 +39,64 @@ def unseen_mean(cells: Cells, row: str, cols: Sequence[str], key: str, seen: Seq
     return sum(values) / len(values) if values else math.nan
 
 
+def held_out_summary(
+    cells: Cells, rows: Sequence[str], cols: Sequence[str], seen: Mapping[str, Sequence[str]]
+) -> dict | None:
+    """Leave-one-out: each row's one unseen test set, its AUROC, accuracy and out-of-domain
+    share, and the mean and worst AUROC over them (the number a recipe is tuned on); None
+    unless every row left out exactly one test set."""
+    held = {r: [c for c in cols if c not in seen[r]] for r in rows}
+    if not rows or any(len(h) != 1 for h in held.values()):
+        return None
+    members = {
+        held[r][0]: {"row": r} | {k: _value(cells, r, held[r][0], k) for k in CELL_SUMMARY}
+        for r in rows
+    }
+    aurocs = [m["auroc"] for m in members.values() if not math.isnan(m["auroc"])]
+    worst = min(members, key=lambda c: members[c]["auroc"]) if aurocs else None
+    return {
+        "members": members,
+        "mean_auroc": sum(aurocs) / len(aurocs) if aurocs else math.nan,
+        "worst_auroc": min(aurocs) if aurocs else math.nan,
+        "worst": worst,
+    }
+
+
+def _held_out_markdown(summary: dict) -> list[str]:
+    parts = ["", "## Left out (each model on the one source it never saw)", ""]
+    parts += [
+        "| left out | AUROC | accuracy | AP | flagged out of domain |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, m in summary["members"].items():
+        values = [m[k] for k in CELL_SUMMARY]
+        text = ["-" if math.isnan(v) else f"{v:.4f}" for v in values[:-1]]
+        text.append("-" if math.isnan(values[-1]) else f"{values[-1]:.1%}")
+        parts.append(f"| {name} | " + " | ".join(text) + " |")
+    parts += [
+        "",
+        f"Mean AUROC **{summary['mean_auroc']:.4f}**, worst **{summary['worst_auroc']:.4f}** "
+        f"({summary['worst']}).",
+    ]
+    return parts
+
+
+def _nan_to_none(value):
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def matrix_markdown(
     cells: Cells,
     rows: Sequence[str],
     cols: Sequence[str],
     seen: Mapping[str, Sequence[str]],
     command: str,
+    leave_one_out: bool = False,
 ) -> str:
-    """One table per metric; cells of a test set the model trained on are in bold."""
+    """One table per metric; cells of a test set the model trained on are in bold; and,
+    ``leave_one_out``, the left-out sources' table with the mean and worst AUROC."""
     parts = ["# Cross-generator matrix", "", f"`{command}`", ""]
     parts.append("Rows: the training source(s); columns: the test set; **bold**: seen in training.")
     for key, title in METRICS:
@@ -59,6 +112,9 @@ def matrix_markdown(
             mean = unseen_mean(cells, row, cols, key, seen[row])
             cells_md.append("-" if math.isnan(mean) else f"{mean:.4f}")
             parts.append(f"| {row} | " + " | ".join(cells_md) + " |")
+    summary = held_out_summary(cells, rows, cols, seen) if leave_one_out else None
+    if summary is not None:
+        parts += _held_out_markdown(summary)
     return "\n".join(parts) + "\n"
 
 
@@ -91,14 +147,21 @@ def write_matrix(
     seen: Mapping[str, Sequence[str]],
     out: Path,
     command: str,
+    leave_one_out: bool = False,
 ) -> dict[str, Path]:
-    """matrix.md, matrix.csv (one line per cell) and matrix.png in ``out``; returns the paths."""
+    """matrix.md, matrix.csv (one line per cell), matrix.png and, leave-one-out,
+    held_out.json (``leave_one_out``: :func:`held_out_summary`) in ``out``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "matrix.md", "csv": out / "matrix.csv", "png": out / "matrix.png"}
-    atomic_write_text(paths["md"], matrix_markdown(cells, rows, cols, seen, command))
+    summary = held_out_summary(cells, rows, cols, seen) if leave_one_out else None
+    if summary is not None:
+        paths["held_out"] = out / "held_out.json"
+        atomic_write_text(paths["held_out"], json.dumps(_nan_to_none(summary), indent=2) + "\n")
+    markdown = matrix_markdown(cells, rows, cols, seen, command, leave_one_out)
+    atomic_write_text(paths["md"], markdown)
     lines = [
         {"train": r, "test": c, "seen": c in seen[r], "n": (cells.get((r, c)) or {}).get("n")}
-        | {key: _value(cells, r, c, key) for key, _ in METRICS}
+        | {key: _value(cells, r, c, key) for key in (*(k for k, _ in METRICS), "ood_flagged")}
         for r in rows
         for c in cols
     ]

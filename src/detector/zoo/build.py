@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from detector.data.cache import FOLDER_NAME as CACHE_FOLDER
 from detector.data.demo import JPEG_QUALITY, pinned_torch, remove_stale_builds, save_jpeg
 from detector.data.synthesis import IMAGE_SIZE, to_tensor
 from detector.errors import ConfigError, DataError
@@ -187,12 +188,13 @@ def read_member(folder: Path) -> dict[str, Any] | None:
 
 
 def _check_replaceable(folder: Path) -> None:
-    """Only a finished member (member.json and its split folders, nothing else) is replaced."""
+    """Only a finished member (member.json, its split folders and the image cache a training
+    run leaves beside them, nothing else) is replaced."""
     if not folder.exists() and not folder.is_symlink():
         return
     extra = set()
     if folder.is_dir() and not folder.is_symlink():
-        extra = {p.name for p in folder.iterdir()} - {MEMBER_FILE, *SPLITS}
+        extra = {p.name for p in folder.iterdir()} - {MEMBER_FILE, CACHE_FOLDER, *SPLITS}
     if read_member(folder) is None or extra:
         raise DataError(
             f"{display(folder)} exists and is not a zoo member built here (no {MEMBER_FILE}, "
