@@ -157,3 +157,31 @@ def test_leave_one_out_summary_gives_each_left_out_source_and_the_mean_and_worst
     assert "Mean AUROC **0.8000**, worst **0.7000** (vae)." in md
     with paths["csv"].open() as f:
         assert [r["ood_flagged"] for r in csv.DictReader(f)][:2] == ["0.05", "0.25"]
+
+
+def test_leave_one_out_held_out_only_tests_the_left_out_and_always_sources(two_sources, tmp_path):
+    third = make_image_folder(tmp_path / "c", n_train=12, n_test=4, seed=3)
+    folders = {**two_sources, "c": third}
+    out = tmp_path / "loo"
+    sources = ",".join(f"{name}={folder}" for name, folder in folders.items())
+    args = ["--sources", sources, "--mode", "leave-one-out", "--always", "a", "--held-out-only"]
+    args += ["--out", str(out), "--eval", "report.bootstrap_resamples=20", *TINY]
+    done = run_script(SCRIPT, *args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cells = sorted(p.stem for p in (out / "cells").glob("*.json"))
+    assert cells == ["all-but-b__a", "all-but-b__b", "all-but-c__a", "all-but-c__c"]
+    summary = json.loads((out / "held_out.json").read_text())
+    held = {
+        name: json.loads((out / "cells" / f"all-but-{name}__{name}.json").read_text())
+        for name in ("b", "c")
+    }
+    assert summary["members"]["b"]["auroc"] == pytest.approx(held["b"]["auroc"])
+    mean = (held["b"]["auroc"] + held["c"]["auroc"]) / 2
+    assert summary["mean_auroc"] == pytest.approx(mean)
+    assert summary["worst_auroc"] == pytest.approx(min(held["b"]["auroc"], held["c"]["auroc"]))
+    md = (out / "matrix.md").read_text()
+    assert "## Left out" in md and f"Mean AUROC **{mean:.4f}**" in md
+    assert md.count("| all-but-b | ") == 3 and "| - |" in md  # the skipped cell c, per metric
+    wrong = run_script(SCRIPT, "--sources", sources, "--held-out-only", cwd=tmp_path)
+    assert wrong.returncode == 2
+    assert "error: --held-out-only applies to --mode leave-one-out only" in wrong.stderr

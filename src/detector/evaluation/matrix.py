@@ -23,8 +23,8 @@ from detector.files import atomic_write_text
 # (column in the cells, title)
 METRICS = (("auroc", "AUROC"), ("accuracy", "accuracy"), ("average_precision", "AP"))
 Cells = Mapping[tuple[str, str], Mapping[str, float]]
-# a left-out source's numbers in the leave-one-out summary
-CELL_SUMMARY = ("auroc", "accuracy", "average_precision", "ood_flagged")
+# a left-out source's numbers in the leave-one-out summary, and a cell's in matrix.csv
+CELL_SUMMARY = CSV_KEYS = ("auroc", "accuracy", "average_precision", "ood_flagged")
 
 
 def _value(cells: Cells, row: str, col: str, key: str) -> float:
@@ -52,12 +52,12 @@ def held_out_summary(
         held[r][0]: {"row": r} | {k: _value(cells, r, held[r][0], k) for k in CELL_SUMMARY}
         for r in rows
     }
-    aurocs = [m["auroc"] for m in members.values() if not math.isnan(m["auroc"])]
-    worst = min(members, key=lambda c: members[c]["auroc"]) if aurocs else None
+    scored = {name: m["auroc"] for name, m in members.items() if not math.isnan(m["auroc"])}
+    worst = min(scored, key=scored.__getitem__) if scored else None
     return {
         "members": members,
-        "mean_auroc": sum(aurocs) / len(aurocs) if aurocs else math.nan,
-        "worst_auroc": min(aurocs) if aurocs else math.nan,
+        "mean_auroc": sum(scored.values()) / len(scored) if scored else math.nan,
+        "worst_auroc": scored[worst] if worst else math.nan,
         "worst": worst,
     }
 
@@ -93,10 +93,11 @@ def matrix_markdown(
     cols: Sequence[str],
     seen: Mapping[str, Sequence[str]],
     command: str,
-    leave_one_out: bool = False,
+    held_out: dict | None = None,
 ) -> str:
-    """One table per metric; cells of a test set the model trained on are in bold; and,
-    ``leave_one_out``, the left-out sources' table with the mean and worst AUROC."""
+    """One table per metric; cells of a test set the model trained on are in bold; and the
+    left-out sources' table with the mean and worst AUROC (``held_out``: the summary of
+    :func:`held_out_summary`)."""
     parts = ["# Cross-generator matrix", "", f"`{command}`", ""]
     parts.append("Rows: the training source(s); columns: the test set; **bold**: seen in training.")
     for key, title in METRICS:
@@ -112,9 +113,8 @@ def matrix_markdown(
             mean = unseen_mean(cells, row, cols, key, seen[row])
             cells_md.append("-" if math.isnan(mean) else f"{mean:.4f}")
             parts.append(f"| {row} | " + " | ".join(cells_md) + " |")
-    summary = held_out_summary(cells, rows, cols, seen) if leave_one_out else None
-    if summary is not None:
-        parts += _held_out_markdown(summary)
+    if held_out is not None:
+        parts += _held_out_markdown(held_out)
     return "\n".join(parts) + "\n"
 
 
@@ -157,11 +157,10 @@ def write_matrix(
     if summary is not None:
         paths["held_out"] = out / "held_out.json"
         atomic_write_text(paths["held_out"], json.dumps(_nan_to_none(summary), indent=2) + "\n")
-    markdown = matrix_markdown(cells, rows, cols, seen, command, leave_one_out)
-    atomic_write_text(paths["md"], markdown)
+    atomic_write_text(paths["md"], matrix_markdown(cells, rows, cols, seen, command, summary))
     lines = [
         {"train": r, "test": c, "seen": c in seen[r], "n": (cells.get((r, c)) or {}).get("n")}
-        | {key: _value(cells, r, c, key) for key in (*(k for k, _ in METRICS), "ood_flagged")}
+        | {key: _value(cells, r, c, key) for key in CSV_KEYS}
         for r in rows
         for c in cols
     ]

@@ -92,6 +92,14 @@ def select_members(names: str | list[str] | None) -> list[Member]:
     return [m for m in MEMBERS if m.name in names]
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, sorted by name."""
+    return sorted(
+        (p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES and p.is_file()),
+        key=lambda p: p.name,
+    )
+
+
 def list_real(real_dir: str | Path) -> list[Path]:
     """The image files directly in ``real_dir``, sorted by name."""
     folder = Path(real_dir)
@@ -100,10 +108,7 @@ def list_real(real_dir: str | Path) -> list[Path]:
             f"--real-dir {display(folder)} is not a folder: pass the folder of real training "
             f"images (CIFAKE's: {REAL_DIR}, README 'Train on CIFAKE')"
         )
-    files = sorted(
-        (p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES and p.is_file()),
-        key=lambda p: p.name,
-    )
+    files = image_files(folder)
     if not files:
         raise DataError(f"--real-dir {display(folder)} holds no images ({', '.join(SUFFIXES)})")
     return files

@@ -22,7 +22,7 @@ from typing import Any
 
 from detector.data.demo import remove_stale_builds
 from detector.files import atomic_write_text, display
-from detector.zoo.build import MARKER, MEMBER_FILE, SUFFIXES, ZooSettings, read_member, swap_in
+from detector.zoo.build import MARKER, MEMBER_FILE, ZooSettings, image_files, read_member, swap_in
 from detector.zoo.nets import MEMBERS
 
 REST = "rest"
@@ -32,16 +32,6 @@ REST_VERSION = 1
 def unused_real(files: list[Path], settings: ZooSettings) -> list[Path]:
     """The sorted real files after the slices of all of the zoo's members."""
     return files[settings.train_images + len(MEMBERS) * settings.block :]
-
-
-def _fake_files(real_dir: Path) -> list[Path]:
-    folder = real_dir.parent / "FAKE"
-    if not folder.is_dir():
-        return []
-    return sorted(
-        (p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES and p.is_file()),
-        key=lambda p: p.name,
-    )
 
 
 def _link_all(files: list[Path], folder: Path) -> None:
@@ -61,16 +51,17 @@ def write_rest(
     (the first ``test_per_class`` of each class to test/); None, with a line said, when the real
     folder has no FAKE sibling or too few files are left. Up to date when its settings match."""
     real_dir = Path(settings.real_dir)
-    real, fake = unused_real(files, settings), _fake_files(real_dir)
+    fake_dir = real_dir.parent / "FAKE"
+    real, fake = unused_real(files, settings), image_files(fake_dir) if fake_dir.is_dir() else []
     folder = Path(out) / REST
     if not fake:
-        log(f"zoo: {REST}: no {display(real_dir.parent / 'FAKE')} beside the real folder, skipped")
+        log(f"zoo: {REST}: no {display(fake_dir)} beside the real folder, skipped")
         return None
     n = min(len(real), len(fake))
     if n <= test_per_class:
         log(
             f"zoo: {REST}: skipped: {display(real_dir)} leaves {len(real)} real images unused by "
-            f"the zoo and {display(real_dir.parent / 'FAKE')} holds {len(fake)}; more than "
+            f"the zoo and {display(fake_dir)} holds {len(fake)}; more than "
             f"--rest-test-per-class {test_per_class} of each are needed"
         )
         return None
