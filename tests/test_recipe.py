@@ -14,7 +14,7 @@ from detector.data.datamodule import ImageFolderDataModule
 from detector.errors import ConfigError
 from detector.tasks.evaluate import evaluate
 from detector.tasks.train import train
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, make_image_folder
 
 
 def test_random_shift_moves_whole_images_without_new_values():
@@ -134,3 +134,25 @@ def test_ema_callback_averages_with_one_fused_update_per_step():
     weight = average.module[0].weight
     assert callback._kwargs["avg_fn"] is None and callback._kwargs["multi_avg_fn"] is not None
     assert torch.allclose(weight, 0.9 * start["0.weight"] + 0.1 * (start["0.weight"] + 1.0))
+
+
+def test_general_cpu_trains_on_cifake_and_every_zoo_member(image_folder, tmp_path):
+    """experiment=general_cpu: cifake_cpu with the zoo's six members as further training
+    sources (paths.zoo_dir) and the NPR input; each source gets its own validation numbers."""
+    members = ("tconv", "nearest", "bilinear", "pixelshuffle", "vae", "dcgan")
+    zoo = tmp_path / "zoo"
+    for i, name in enumerate(members):
+        make_image_folder(zoo / name, n_train=6, n_test=2, seed=10 + i)
+    overrides = ["experiment=general_cpu", f"data.root={image_folder}", f"paths.zoo_dir={zoo}"]
+    cfg = compose_config("train", tmp_path / "a", overrides)
+    assert cfg.model.input_filter == "npr" and cfg.data.image_size == 32
+    assert dict(cfg.data.train_dirs) == {
+        "cifake": f"{image_folder}/train",
+        **{name: f"{zoo}/{name}/train" for name in members},
+    }
+    tiny = [*TINY, "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1"]
+    metrics = train(compose_config("train", tmp_path / "b", [*overrides, *tiny]))
+    for source in ("cifake", *members):
+        assert 0.0 <= metrics[f"val/{source}/auroc"] <= 1.0, source
+    module = torch.load(metrics["best_model_path"], map_location="cpu", weights_only=True)
+    assert module["hyper_parameters"]["input_filter"] == "npr"
