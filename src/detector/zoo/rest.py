@@ -40,6 +40,33 @@ def _link_all(files: list[Path], folder: Path) -> None:
         os.symlink(path.resolve(), folder / path.name)
 
 
+def _link_rest(
+    folder: Path, real: list[Path], fake: list[Path], test_per_class: int, wanted: dict
+) -> dict[str, Any]:
+    """Link both classes into a temp folder, then rename it to ``folder`` (as a member)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{REST}.tmp-", dir=folder.parent))
+    try:
+        for cls, chosen in (("REAL", real), ("FAKE", fake)):
+            _link_all(chosen[:test_per_class], tmp / "test" / cls)
+            _link_all(chosen[test_per_class:], tmp / "train" / cls)
+        info = {
+            "zoo": MARKER,
+            "member": REST,
+            "about": "the real folder's images no member used, and as many FAKE ones (links)",
+            "settings": wanted,
+            "counts": {"train": len(real) - test_per_class, "test": test_per_class},
+            "real_files": [real[0].name, real[-1].name],
+        }
+        atomic_write_text(tmp / MEMBER_FILE, json.dumps(info, indent=2) + "\n")
+        swap_in(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return info
+
+
 def write_rest(
     out: str | Path,
     files: list[Path],
@@ -76,26 +103,7 @@ def write_rest(
     if info is not None and info.get("settings") == wanted:
         log(f"zoo: {REST}: up to date ({display(folder / MEMBER_FILE)}), skipped")
         return info
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_builds(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{REST}.tmp-", dir=folder.parent))
-    try:
-        for cls, chosen in (("REAL", real[:n]), ("FAKE", fake[:n])):
-            _link_all(chosen[:test_per_class], tmp / "test" / cls)
-            _link_all(chosen[test_per_class:], tmp / "train" / cls)
-        info = {
-            "zoo": MARKER,
-            "member": REST,
-            "about": "the real folder's images no member used, and as many FAKE ones (links)",
-            "settings": wanted,
-            "counts": {"train": n - test_per_class, "test": test_per_class},
-            "real_files": [real[0].name, real[n - 1].name],
-        }
-        atomic_write_text(tmp / MEMBER_FILE, json.dumps(info, indent=2) + "\n")
-        swap_in(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    info = _link_rest(folder, real[:n], fake[:n], test_per_class, wanted)
     log(
         f"zoo: {REST}: {n - test_per_class} + {test_per_class} images per class linked in "
         f"{display(folder)} (real files from {real[0].name})"
