@@ -181,7 +181,7 @@ def test_leave_one_out_held_out_only_tests_the_left_out_and_always_sources(two_s
     assert summary["worst_auroc"] == pytest.approx(min(held["b"]["auroc"], held["c"]["auroc"]))
     md = (out / "matrix.md").read_text()
     assert "## Left out" in md and f"Mean AUROC **{mean:.4f}**" in md
-    assert md.count("| all-but-b | ") == 3 and "| - |" in md  # the skipped cell c, per metric
+    assert md.count("| all-but-b | ") == 3 and "| **-** |" in md  # c: skipped, seen (bold)
     wrong = run_script(SCRIPT, "--sources", sources, "--held-out-only", cwd=tmp_path)
     assert wrong.returncode == 2
     assert "error: --held-out-only applies to --mode leave-one-out only" in wrong.stderr
