@@ -10,13 +10,14 @@ reconstructed image was seen in training, and no file appears in two members' fo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,23 @@ def swap_in(tmp: Path, folder: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def member_folder(folder: Path, info: dict[str, Any]) -> Iterator[Path]:
+    """A hidden temp folder beside ``folder`` to write a member into; on success ``info`` (as
+    filled in by then) is written as member.json, last, and the folder renamed into place, so a
+    folder at ``folder`` is always a finished one; on failure the temp folder is removed."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        yield tmp
+        atomic_write_text(tmp / MEMBER_FILE, json.dumps(info, indent=2) + "\n")
+        swap_in(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def build_member(
     member: Member,
     folder: Path,
@@ -274,10 +292,8 @@ def build_member(
     wanted = wanted_settings(member, settings, files)
     parts = _slices(files, settings, member)
     member_seed = settings.seed * 1000 + MEMBERS.index(member)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_builds(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    info: dict[str, Any] = {}
+    with member_folder(folder, info) as tmp:
         start = time.perf_counter()
         log(f"zoo: {member.name}: training {wanted['steps']} steps on {len(train_data)} images")
         # the demo's: one thread (5x faster than two here, docs/zoo.md), seeded, restored
@@ -287,7 +303,7 @@ def build_member(
             trained = train_member(member, train_data, wanted["steps"], gen, tick)
             train_seconds = time.perf_counter() - start
             counts = _write_splits(tmp, trained, parts, settings, gen)
-        info = {
+        info |= {
             "zoo": MARKER,
             "member": member.name,
             "about": member.about,
@@ -305,12 +321,6 @@ def build_member(
             "torch": torch.__version__,
             "threads": threads,
         }
-        # Written last, then the folder renamed into place: a folder at OUT/<member> is done.
-        atomic_write_text(tmp / MEMBER_FILE, json.dumps(info, indent=2) + "\n")
-        swap_in(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return info
 
 

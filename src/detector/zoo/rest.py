@@ -12,17 +12,20 @@ its own in the matrix (never CIFAKE's held-out test split).
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from detector.data.demo import remove_stale_builds
-from detector.files import atomic_write_text, display
-from detector.zoo.build import MARKER, MEMBER_FILE, ZooSettings, image_files, read_member, swap_in
+from detector.files import display
+from detector.zoo.build import (
+    MARKER,
+    MEMBER_FILE,
+    ZooSettings,
+    image_files,
+    member_folder,
+    read_member,
+)
 from detector.zoo.nets import MEMBERS
 
 REST = "rest"
@@ -44,14 +47,12 @@ def _link_rest(
     folder: Path, real: list[Path], fake: list[Path], test_per_class: int, wanted: dict
 ) -> dict[str, Any]:
     """Link both classes into a temp folder, then rename it to ``folder`` (as a member)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_builds(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{REST}.tmp-", dir=folder.parent))
-    try:
+    info: dict[str, Any] = {}
+    with member_folder(folder, info) as tmp:
         for cls, chosen in (("REAL", real), ("FAKE", fake)):
             _link_all(chosen[:test_per_class], tmp / "test" / cls)
             _link_all(chosen[test_per_class:], tmp / "train" / cls)
-        info = {
+        info |= {
             "zoo": MARKER,
             "member": REST,
             "about": "the real folder's images no member used, and as many FAKE ones (links)",
@@ -59,11 +60,6 @@ def _link_rest(
             "counts": {"train": len(real) - test_per_class, "test": test_per_class},
             "real_files": [real[0].name, real[-1].name],
         }
-        atomic_write_text(tmp / MEMBER_FILE, json.dumps(info, indent=2) + "\n")
-        swap_in(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return info
 
 
