@@ -14,6 +14,7 @@ from detector.data.datamodule import ImageFolderDataModule
 from detector.errors import ConfigError
 from detector.tasks.evaluate import evaluate
 from detector.tasks.train import train
+from detector.zoo.nets import MEMBERS
 from tests.conftest import TINY, compose_config, make_image_folder
 
 
@@ -137,9 +138,10 @@ def test_ema_callback_averages_with_one_fused_update_per_step():
 
 
 def test_general_cpu_trains_on_cifake_and_every_zoo_member(image_folder, tmp_path):
-    """experiment=general_cpu: cifake_cpu with the zoo's six members as further training
-    sources (paths.zoo_dir) and the NPR input; each source gets its own validation numbers."""
-    members = ("tconv", "nearest", "bilinear", "pixelshuffle", "vae", "dcgan")
+    """experiment=general_cpu: cifake_cpu with every zoo member as a further training source
+    (paths.zoo_dir) and the NPR input; each source gets its own validation numbers."""
+    members = [m.name for m in MEMBERS]
+    assert len(members) == 7 and {"dcgan", "nngan"} <= set(members)
     zoo = tmp_path / "zoo"
     for i, name in enumerate(members):
         make_image_folder(zoo / name, n_train=6, n_test=2, seed=10 + i)

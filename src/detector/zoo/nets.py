@@ -1,9 +1,9 @@
 """The zoo's members: what each one is, and the networks that are not the demo's autoencoder.
 
 Four members are :class:`detector.data.synthesis.AutoEncoder` with another decoder (how it
-doubles the resolution, :func:`detector.data.synthesis.upsample`); the VAE and the DCGAN are
-here. All are tiny (tens to hundreds of thousands of parameters): a 2-core CPU trains each in
-minutes.
+doubles the resolution, :func:`detector.data.synthesis.upsample`); the VAE and the two GANs
+(one generator class, two ways of upsampling) are here. All are tiny (tens to hundreds of
+thousands of parameters): a 2-core CPU trains each in minutes.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ MEMBERS: tuple[Member, ...] = (
     Member("pixelshuffle", "ae", "pixelshuffle", 1200, "autoencoder, sub-pixel conv (shuffle)"),
     Member("vae", "vae", "nearest", 1500, "VAE, 64-d latent, nearest upsampling + 3x3 conv"),
     Member("dcgan", "gan", "transposed", 2000, "DCGAN, transposed convs + BatchNorm, GAN loss"),
+    Member("nngan", "gan", "nearest", 2000, "DCGAN, nearest upsampling + 3x3 conv, GAN loss"),
 )
 BY_NAME: dict[str, Member] = {m.name: m for m in MEMBERS}
 
@@ -88,21 +89,36 @@ class VAE(nn.Module):
 
 
 class Generator(nn.Module):
-    """DCGAN's generator at 32 px: a latent vector to 4 x 4, then stride-2 transposed
-    convolutions with BatchNorm to 32 x 32 (Radford et al. 2016, narrower)."""
+    """DCGAN's generator at 32 px: a latent vector to 4 x 4, then three 2x upsamplings with
+    BatchNorm to 32 x 32 (Radford et al. 2016, narrower): stride-2 transposed convolutions
+    (``decoder="transposed"``, DCGAN's own) or nearest upsampling + a 3x3 convolution
+    (``"nearest"``, the resize-convolution of Odena et al. 2016, without checkerboards). Two
+    GANs that upsample differently: the GAN family is still seen when one is left out."""
 
-    def __init__(self, latent: int = GAN_LATENT, width: int = GAN_WIDTH) -> None:
+    def __init__(
+        self, latent: int = GAN_LATENT, width: int = GAN_WIDTH, decoder: str = "transposed"
+    ) -> None:
         super().__init__()
+        if decoder not in ("transposed", "nearest"):
+            raise ValueError(f"a GAN's decoder {decoder!r} must be transposed or nearest")
         self.latent = latent
+
+        def double(cin: int, cout: int, bias: bool) -> list[nn.Module]:
+            if decoder == "transposed":
+                return [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=bias)]
+            return [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(cin, cout, 3, 1, 1, bias=bias),
+            ]
+
         layers: list[nn.Module] = [
             nn.ConvTranspose2d(latent, 4 * width, 4, 1, 0, bias=False),
             nn.BatchNorm2d(4 * width),
             nn.ReLU(),
         ]
         for cin, cout in ((4 * width, 2 * width), (2 * width, width)):
-            layers += [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False)]
-            layers += [nn.BatchNorm2d(cout), nn.ReLU()]
-        layers += [nn.ConvTranspose2d(width, 3, 4, 2, 1), nn.Tanh()]
+            layers += [*double(cin, cout, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+        layers += [*double(width, 3, bias=True), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -136,4 +152,4 @@ def build_network(member: Member) -> nn.Module:
         return AutoEncoder(AE_WIDTHS, AE_LATENT, member.decoder)
     if member.kind == "vae":
         return VAE(decoder=member.decoder)
-    return Generator()
+    return Generator(decoder=member.decoder)

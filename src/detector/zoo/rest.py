@@ -5,9 +5,10 @@ Why: the zoo's REAL images and the images it reconstructs are real training file
 A leave-one-out model that trains on the whole CIFAKE folder beside the zoo has seen the
 held-out member's REAL images, and the originals of its reconstructions, labelled REAL; its
 score on that member measures memory, not generalisation. This folder holds only the files
-after every member's slice (all six, built or not, so it never changes when members are
-added), linked rather than copied, split into train/ and test/ so that CIFAKE gets a column of
-its own in the matrix (never CIFAKE's held-out test split).
+after every member's slice (all of the zoo's members, built or not, so building more or fewer
+of them never changes it; a new member in ``MEMBERS`` moves it on by one slice), linked rather
+than copied, split into train/ and test/ so that CIFAKE gets a column of its own in the matrix
+(never CIFAKE's held-out test split).
 """
 
 from __future__ import annotations
