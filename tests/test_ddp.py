@@ -304,7 +304,9 @@ def assert_same_ood_model(ckpt: Path, data_root: Path) -> None:
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     alone = fit_on_data(load_checkpoint(ckpt), dm, trainer, stored["feature"], 0.95).state()
     assert stored["info"] == alone["info"]
-    assert set(stored["means"]) == set(alone["means"]) == {"stages", "pixels"}  # the default
+    assert (
+        set(stored["means"]) == set(alone["means"]) == {"stages", "log_stages", "image"}
+    )  # the default
     for part in stored["means"]:
         assert torch.allclose(stored["means"][part], alone["means"][part], rtol=1e-4, atol=1e-6)
     # The precision matrices are ill-conditioned (near-dead units): compared through what they

@@ -17,7 +17,13 @@ from PIL import Image
 
 from detector import Detector
 from detector.checkpoint import load_checkpoint, load_checkpoint_file
-from detector.evaluation.ood import NO_OOD_MODEL, OODModel, fit_ood, pixel_statistics
+from detector.evaluation.ood import (
+    NO_OOD_MODEL,
+    OODModel,
+    fit_ood,
+    image_statistics,
+    pixel_statistics,
+)
 from detector.tasks.evaluate import evaluate
 from detector.tasks.predict import predict
 from tests.conftest import compose_config
@@ -50,7 +56,7 @@ def test_fit_scores_far_points_higher_and_sets_the_threshold_at_the_quantile():
 
     def sample(n: int) -> dict[str, torch.Tensor]:
         y = torch.arange(n) % 2
-        parts = {k: torch.randn(n, 2, generator=gen) for k in ("stages", "pixels")}
+        parts = {k: torch.randn(n, 2, generator=gen) for k in ("stages", "image")}
         return {"features": centres[y] + torch.randn(n, 3, generator=gen), **parts}
 
     labels = torch.arange(2000) % 2
@@ -58,20 +64,27 @@ def test_fit_scores_far_points_higher_and_sets_the_threshold_at_the_quantile():
     model = fit_ood(train, labels, val, "hidden", 0.95)
     assert torch.allclose(model.models["features"].means.float(), centres, atol=0.1)
     assert model.info["val_flagged"] == pytest.approx(0.05, abs=0.002)
-    typical = {"features": centres, "stages": torch.zeros(2, 2), "pixels": torch.zeros(2, 2)}
+    typical = {"features": centres, "stages": torch.zeros(2, 2), "image": torch.zeros(2, 2)}
     assert model.score(typical).max() < model.threshold
+    # one component far off is enough (the geometric mean takes the cube root of its distance)
     for part, far in (
-        ("features", [0.0, 12.0, 0.0]),
-        ("stages", [12.0, 0.0]),
-        ("pixels", [0, 12.0]),
+        ("features", [0.0, 40.0, 0.0]),
+        ("stages", [40.0, 0.0]),
+        ("image", [0, 40.0]),
     ):
         odd = {k: v[:1] for k, v in typical.items()} | {part: torch.tensor([far])}
         assert not model.in_domain(model.score(odd)).item(), part
-    # the mean of the scaled distances: one unit-variance feature off by 2 adds 4 / 3 / scale
-    shifted = {k: v[:1] for k, v in typical.items()} | {"features": torch.tensor([[3.0, 2.0, 0.0]])}
-    expected = 4.0 / model.scales["features"] / 3
-    assert model.score(shifted).item() - model.score(typical)[0].item() == pytest.approx(
-        expected, rel=0.05
+    # the geometric mean of the scaled distances: one component's distance 4x as large makes
+    # the score 4 ** (1/3) as large (three components; the others floored alike)
+    near, far = (
+        {k: v[:1] for k, v in typical.items()} | {"features": torch.tensor([[3.0, y, 0.0]])}
+        for y in (1.5, 3.0)
+    )
+    gaussians = model.models["features"]
+    ratio = gaussians.distance(far["features"]) / gaussians.distance(near["features"])
+    assert float(ratio) == pytest.approx(4.0, rel=0.1)
+    assert model.score(far).item() / model.score(near).item() == pytest.approx(
+        float(ratio) ** (1 / 3), rel=1e-4
     )
     again = OODModel.from_state(model.state())
     assert torch.equal(again.score(val), model.score(val)) and again.threshold == model.threshold
@@ -87,6 +100,48 @@ def test_pixel_statistics_tell_noise_and_flat_colour_from_photographs():
     neighbour = stats[:, -1]  # atanh of the vertical neighbour correlation
     assert neighbour[0] > 1.0 and abs(neighbour[1]) < 0.3 and neighbour[2] == 0.0
     assert torch.allclose(stats[:1], pixel_statistics(photo[None].float() / 255), atol=1e-4)
+    rich = image_statistics(torch.stack([photo, noise, flat]))
+    assert rich.shape == (3, 24) and torch.isfinite(rich).all()
+    assert torch.equal(rich[:, :13], stats)  # the pixel statistics lead
+    assert torch.allclose(rich[:1], image_statistics(photo[None].float() / 255), atol=1e-4)
+    fine, fine_over_coarse = rich[:, 13], rich[:, 15]  # log Laplacian energy, and its ratio
+    assert fine[1] > fine[0] > fine[2]  # noise >> photograph > flat
+    assert fine_over_coarse[1] > fine_over_coarse[0] + 0.5  # noise loses its detail when pooled
+    colourful, dark, bright = rich[:, 16], rich[:, 18], rich[:, 19]
+    assert colourful[1] > colourful[0] > colourful[2] == 0.0 and dark[2] == bright[2] == 0.0
+    bands = rich[:, 20:]  # a photograph's power falls with frequency, white noise's does not
+    assert bands[0, 0] > bands[0, -1] + 2.0 and abs(bands[1, 0] - bands[1, -1]) < 1.0
+    odd = torch.randint(0, 256, (2, 3, 45, 38), dtype=torch.uint8)  # any size, odd too
+    assert image_statistics(odd).shape == (2, 24) and torch.isfinite(image_statistics(odd)).all()
+
+
+def test_a_checkpoint_from_before_the_image_statistics_scores_as_it_did():
+    """Older states hold ``stages`` and ``pixels`` (13 statistics), no ``combine``: the
+    arithmetic mean of the scaled distances, as they were saved with."""
+    from detector.evaluation.ood import Gaussians, components
+    from detector.model import Embedding
+
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    embedding = Embedding(torch.zeros(6), torch.ones(6, 4), torch.ones(6, 4), torch.rand(6, 8))
+    labels = torch.arange(6) % 2
+    old = {"stages": embedding.stages, "pixels": pixel_statistics(images)}
+    models = {k: Gaussians.fit(v, labels) for k, v in old.items()}
+    state = {
+        "feature": "none",
+        "means": {k: g.means for k, g in models.items()},
+        "precisions": {k: g.precision for k, g in models.items()},
+        "scales": {"stages": 2.0, "pixels": 4.0},
+        "threshold": 1.0,
+        "quantile": 0.95,
+    }
+    loaded = OODModel.from_state(state)
+    assert loaded.combine == "mean" and list(loaded.models) == ["stages", "pixels"]
+    expected = (models["stages"].distance(old["stages"]) / 2.0) / 2 + (
+        models["pixels"].distance(old["pixels"]) / 4.0
+    ) / 2
+    assert torch.allclose(loaded.score_batch(images, embedding).double(), expected, rtol=1e-5)
+    assert set(components(images, embedding, ["stages", "pixels"])) == {"stages", "pixels"}
 
 
 def a_photograph() -> Image.Image:
@@ -99,10 +154,13 @@ def a_photograph() -> Image.Image:
 def test_training_stores_the_model_in_the_best_checkpoint(trained_run):
     checkpoint = load_checkpoint_file(trained_run["ckpt"])
     state = checkpoint["ood"]
-    # the default (ood.feature=none): early stages and pixels, no network-feature component
-    assert state["feature"] == "none" and set(state["scales"]) == {"stages", "pixels"}
+    # the default (ood.feature=none): early stages (also as logs) and the image statistics, no
+    # network-feature component, combined by the geometric mean
+    assert state["feature"] == "none" and state["combine"] == "geometric"
+    assert set(state["scales"]) == {"stages", "log_stages", "image"}
     assert state["means"]["stages"].shape == (2, 2 * (32 + 48))  # test_resnet's layer1, layer2
-    assert state["means"]["pixels"].shape == (2, 13)
+    assert state["means"]["log_stages"].shape == (2, 2 * (32 + 48))
+    assert state["means"]["image"].shape == (2, 24)
     assert state["info"]["train_images"] == 38 and state["info"]["val_images"] == 10
     assert 0.0 <= state["info"]["val_flagged"] <= 0.1 + 1e-6  # 1 of 10 at most
     assert load_checkpoint(trained_run["ckpt"]).ood.threshold == state["threshold"]
@@ -206,7 +264,7 @@ def test_a_checkpoint_without_the_model_says_so_and_eval_can_refit_it(trained_ru
     refit = load_checkpoint_file(run / "checkpoint-ood.ckpt")["ood"]
     fitted = load_checkpoint_file(trained_run["ckpt"])["ood"]
     assert refit["threshold"] == pytest.approx(fitted["threshold"], rel=1e-4)
-    for part in ("stages", "pixels"):
+    for part in ("stages", "log_stages", "image"):
         assert torch.allclose(refit["means"][part], fitted["means"][part], rtol=1e-4, atol=1e-6)
     assert report["ood"]["n_flagged"] == int(
         sum(r["in_domain"] == "False" for r in _rows(run / "predictions.csv"))
@@ -240,6 +298,14 @@ def test_the_network_features_are_a_component_only_when_asked_for():
     embedding = Embedding(
         torch.zeros(4), torch.ones(4, 6), torch.full((4, 5), 2.0), torch.ones(4, 8)
     )
-    assert set(components(images, embedding, "none")) == {"stages", "pixels"}
-    assert torch.equal(components(images, embedding, "hidden")["features"], embedding.hidden)
-    assert torch.equal(components(images, embedding, "pooled")["features"], embedding.pooled)
+    from detector.evaluation.ood import fitted_components
+
+    assert fitted_components("none") == ("stages", "log_stages", "image")
+    assert fitted_components("hidden") == ("features", "stages", "log_stages", "image")
+    parts = components(images, embedding, fitted_components("none"))
+    assert set(parts) == {"stages", "log_stages", "image"}
+    assert torch.equal(parts["log_stages"], torch.log(embedding.stages + 1e-3))
+    hidden = components(images, embedding, ["features"], feature="hidden")["features"]
+    assert torch.equal(hidden, embedding.hidden)
+    pooled = components(images, embedding, ["features"], feature="pooled")["features"]
+    assert torch.equal(pooled, embedding.pooled)
