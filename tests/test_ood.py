@@ -17,13 +17,8 @@ from PIL import Image
 
 from detector import Detector
 from detector.checkpoint import load_checkpoint, load_checkpoint_file
-from detector.evaluation.ood import (
-    NO_OOD_MODEL,
-    OODModel,
-    fit_ood,
-    image_statistics,
-    pixel_statistics,
-)
+from detector.evaluation.image_statistics import image_statistics, pixel_statistics
+from detector.evaluation.ood import NO_OOD_MODEL, OODModel, fit_ood
 from detector.tasks.evaluate import evaluate
 from detector.tasks.predict import predict
 from tests.conftest import compose_config
