@@ -40,20 +40,21 @@ DECODERS = ("transposed", "nearest")
 UPSAMPLERS = (*DECODERS, "bilinear", "pixelshuffle")
 
 
-def upsample(kind: str, cin: int, cout: int) -> list[nn.Module]:
-    """Layers that double the resolution from ``cin`` to ``cout`` channels (no activation):
+def upsample(kind: str, cin: int, cout: int, bias: bool = True) -> list[nn.Module]:
+    """Layers that double the resolution from ``cin`` to ``cout`` channels (no activation;
+    ``bias=False`` where a BatchNorm follows):
     a stride-2 transposed convolution (overlapping 4x4 kernels: checkerboard patterns),
     nearest or bilinear upsampling + a 3x3 convolution (blocky or smooth 2x2 structure), or a
     3x3 convolution to 4x the channels + pixel shuffle (sub-pixel convolution: each output
     pixel of a 2x2 cell from its own filter, a periodic pattern of another kind)."""
     if kind == "transposed":
-        return [nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1)]
+        return [nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1, bias=bias)]
     if kind == "pixelshuffle":
-        return [nn.Conv2d(cin, 4 * cout, 3, padding=1), nn.PixelShuffle(2)]
+        return [nn.Conv2d(cin, 4 * cout, 3, padding=1, bias=bias), nn.PixelShuffle(2)]
     if kind in ("nearest", "bilinear"):
         corners = {"align_corners": False} if kind == "bilinear" else {}
         up = nn.Upsample(scale_factor=2, mode=kind, **corners)
-        return [up, nn.Conv2d(cin, cout, 3, padding=1)]
+        return [up, nn.Conv2d(cin, cout, 3, padding=1, bias=bias)]
     raise ValueError(f"upsampling {kind!r} must be one of {', '.join(UPSAMPLERS)}")
 
 

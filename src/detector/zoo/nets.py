@@ -102,23 +102,14 @@ class Generator(nn.Module):
         if decoder not in ("transposed", "nearest"):
             raise ValueError(f"a GAN's decoder {decoder!r} must be transposed or nearest")
         self.latent = latent
-
-        def double(cin: int, cout: int, bias: bool) -> list[nn.Module]:
-            if decoder == "transposed":
-                return [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=bias)]
-            return [
-                nn.Upsample(scale_factor=2, mode="nearest"),
-                nn.Conv2d(cin, cout, 3, 1, 1, bias=bias),
-            ]
-
         layers: list[nn.Module] = [
             nn.ConvTranspose2d(latent, 4 * width, 4, 1, 0, bias=False),
             nn.BatchNorm2d(4 * width),
             nn.ReLU(),
         ]
         for cin, cout in ((4 * width, 2 * width), (2 * width, width)):
-            layers += [*double(cin, cout, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-        layers += [*double(width, 3, bias=True), nn.Tanh()]
+            layers += [*upsample(decoder, cin, cout, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+        layers += [*upsample(decoder, width, 3), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
