@@ -51,26 +51,35 @@ def test_fit_scores_far_points_higher_and_sets_the_threshold_at_the_quantile():
 
     def sample(n: int) -> dict[str, torch.Tensor]:
         y = torch.arange(n) % 2
-        parts = {k: torch.randn(n, 2, generator=gen) for k in ("stages", "image")}
-        return {"features": centres[y] + torch.randn(n, 3, generator=gen), **parts}
+        stages = 1.0 + 0.1 * torch.randn(n, 2, generator=gen)  # statistics of ReLU maps: > 0
+        return {
+            "features": centres[y] + torch.randn(n, 3, generator=gen),
+            "stages": stages,
+            "image": torch.randn(n, 2, generator=gen),
+        }
 
     labels = torch.arange(2000) % 2
     train, val = sample(2000), sample(1000)
     model = fit_ood(train, labels, val, "hidden", 0.95)
+    assert list(model.models) == ["features", "stages", "log_stages", "image"]
     assert torch.allclose(model.models["features"].means.float(), centres, atol=0.1)
+    # log_stages, derived from the stages at fit time, is the Gaussian of their logarithms
+    logs = torch.log(train["stages"].double() + 1e-3)
+    assert torch.allclose(model.models["log_stages"].means, logs.mean(0).expand(2, 2), atol=0.02)
     assert model.info["val_flagged"] == pytest.approx(0.05, abs=0.002)
-    typical = {"features": centres, "stages": torch.zeros(2, 2), "image": torch.zeros(2, 2)}
+    assert model.info["dims"] == {"features": 3, "stages": 2, "log_stages": 2, "image": 2}
+    typical = {"features": centres, "stages": torch.ones(2, 2), "image": torch.zeros(2, 2)}
     assert model.score(typical).max() < model.threshold
-    # one component far off is enough (the geometric mean takes the cube root of its distance)
+    # one component far off is enough, the others at a class mean (floored)
     for part, far in (
-        ("features", [0.0, 40.0, 0.0]),
-        ("stages", [40.0, 0.0]),
-        ("image", [0, 40.0]),
+        ("features", [0.0, 400.0, 0.0]),
+        ("stages", [400.0, 1.0]),
+        ("image", [0, 400.0]),
     ):
         odd = {k: v[:1] for k, v in typical.items()} | {part: torch.tensor([far])}
         assert not model.in_domain(model.score(odd)).item(), part
     # the geometric mean of the scaled distances: one component's distance 4x as large makes
-    # the score 4 ** (1/3) as large (three components; the others floored alike)
+    # the score 4 ** (1/4) as large (four components; the others alike)
     near, far = (
         {k: v[:1] for k, v in typical.items()} | {"features": torch.tensor([[3.0, y, 0.0]])}
         for y in (1.5, 3.0)
@@ -79,10 +88,38 @@ def test_fit_scores_far_points_higher_and_sets_the_threshold_at_the_quantile():
     ratio = gaussians.distance(far["features"]) / gaussians.distance(near["features"])
     assert float(ratio) == pytest.approx(4.0, rel=0.1)
     assert model.score(far).item() / model.score(near).item() == pytest.approx(
-        float(ratio) ** (1 / 3), rel=1e-4
+        float(ratio) ** (1 / 4), rel=1e-4
     )
     again = OODModel.from_state(model.state())
     assert torch.equal(again.score(val), model.score(val)) and again.threshold == model.threshold
+
+
+def test_a_fit_in_chunks_is_the_fit_in_one_piece_and_log_stages_are_not_collected():
+    """Fits accumulate a chunk of rows at a time and derive ``log_stages`` from ``stages``
+    (memory of a fit on 80,000 images); the numbers are those of a fit on all rows at once."""
+    from detector.evaluation.ood import Gaussians, collect_features, log_scale
+    from detector.model import Embedding
+
+    gen = torch.Generator().manual_seed(2)
+    values = torch.rand(101, 6, generator=gen) * torch.arange(1, 7)
+    labels = (torch.arange(101) % 3 == 0).long()
+    whole = Gaussians.fit(values, labels, chunk=1000)
+    for chunked in (Gaussians.fit(values, labels, chunk=7), Gaussians.fit(values, labels)):
+        assert torch.allclose(chunked.means, whole.means, rtol=1e-10)
+        assert torch.allclose(chunked.precision, whole.precision, rtol=1e-8)
+    direct = values.double()[labels == 1].mean(0)
+    assert torch.allclose(whole.means[1], direct, rtol=1e-10)
+    logged = Gaussians.fit(values, labels, log_scale, chunk=10)
+    reference = Gaussians.fit(log_scale(values), labels)
+    assert torch.allclose(logged.precision, reference.precision, rtol=1e-8)
+
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    embedding = Embedding(torch.zeros(4), torch.ones(4, 4), torch.ones(4, 4), torch.rand(4, 8))
+    parts, targets = collect_features(
+        [(images, torch.tensor([0, 1, 0, 1]))], lambda x: x, lambda x: embedding, "none"
+    )
+    assert set(parts) == {"stages", "image"} and parts["stages"].shape == (4, 8)
+    assert targets.tolist() == [0, 1, 0, 1]
 
 
 def test_pixel_statistics_tell_noise_and_flat_colour_from_photographs():
