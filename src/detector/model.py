@@ -164,10 +164,12 @@ class SEClassifier(nn.Module):
         """
         both = self.flip_average and not self.training
         views = torch.cat([x, x.flip(-1)]) if both else x
-        maps: list[torch.Tensor] = []
+        # Each stage's statistics are taken as its map is made, so that the map is freed at
+        # once instead of held to the end (150 MB for a batch of 32 at 224 px).
+        statistics: list[torch.Tensor] = []
         hooks = [
             self.backbone.get_submodule(name).register_forward_hook(
-                lambda _module, _input, out: maps.append(out)
+                lambda _module, _input, out: statistics.append(channel_mean_std(out))
             )
             for name in self.early_stages
         ]
@@ -176,7 +178,7 @@ class SEClassifier(nn.Module):
         finally:
             for hook in hooks:
                 hook.remove()
-        stages = torch.cat([channel_mean_std(m) for m in maps], 1)
+        stages = torch.cat(statistics, 1)
         hidden = self.head[1](self.head[0](pooled))
         logits = self.head[3](self.head[2](hidden)).squeeze(1)
         parts = (logits, pooled, hidden, stages)
