@@ -120,6 +120,13 @@ def test_a_fit_in_chunks_is_the_fit_in_one_piece_and_log_stages_are_not_collecte
     )
     assert set(parts) == {"stages", "image"} and parts["stages"].shape == (4, 8)
     assert targets.tolist() == [0, 1, 0, 1]
+    # scoring tiles (a crop model) derives log_stages from each image's mean stages, as a fit
+    from detector.evaluation.ood import components
+
+    tiles = components(images, embedding, ["stages", "log_stages"], torch.tensor([1, 3]))
+    mean_of_three = embedding.stages[1:].mean(0)
+    assert torch.allclose(tiles["stages"][1], mean_of_three)
+    assert torch.allclose(tiles["log_stages"][1], log_scale(mean_of_three))
 
 
 def test_pixel_statistics_tell_noise_and_flat_colour_from_photographs():

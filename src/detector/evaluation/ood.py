@@ -244,18 +244,19 @@ def components(
 ) -> dict[str, torch.Tensor]:
     """What each of the components ``names`` reads, from a batch and its embedding
     (``features``: the ``feature`` kind); for a batch of tiles (``counts`` tiles per image)
-    each image's mean over its tiles."""
+    each image's mean over its tiles. Those of :data:`DERIVED` come from their source's
+    per-image values, as a fit derives them."""
     read = {
         "features": lambda: embedding.pooled if feature == "pooled" else embedding.hidden,
         "stages": lambda: embedding.stages,
-        "log_stages": lambda: log_scale(embedding.stages),
         "image": lambda: image_statistics(images),
         "pixels": lambda: pixel_statistics(images),
     }
-    parts = {k: read[k]() for k in names}
-    if counts is None:
-        return parts
-    return {k: segment_mean(v.float(), counts) for k, v in parts.items()}
+    needed = {DERIVED[k][0] if k in DERIVED else k for k in names}
+    parts = {k: read[k]() for k in needed}
+    if counts is not None:
+        parts = {k: segment_mean(v.float(), counts) for k, v in parts.items()}
+    return {k: _part(parts, k) for k in names}
 
 
 def check_ood_settings(feature: str, quantile: float) -> None:
