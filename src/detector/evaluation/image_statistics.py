@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.nn import functional as F
 
 
 def pixel_statistics(images: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,7 @@ def image_statistics(images: torch.Tensor) -> torch.Tensor:
     x = images.float() if images.is_floating_point() else images.float() / 255.0
     grey = x.mean(1)
     fine = _laplacian_energy(grey) + 1e-4
-    coarse = _laplacian_energy(_half(grey)) + 1e-4
+    coarse = _laplacian_energy(F.avg_pool2d(grey[:, None], 2)[:, 0]) + 1e-4
     spread = (x.amax(1) - x.amin(1)).flatten(1)
     mean_spread = spread.mean(1)
     # the standard deviation spelled out: aten::std took 0.2 ms here, more than all the rest
@@ -81,12 +82,6 @@ def _laplacian_energy(grey: torch.Tensor) -> torch.Tensor:
     centre = grey[:, 1:-1, 1:-1]
     around = grey[:, :-2, 1:-1] + grey[:, 2:, 1:-1] + grey[:, 1:-1, :-2] + grey[:, 1:-1, 2:]
     return (around - 4.0 * centre).abs().mean((1, 2))
-
-
-def _half(grey: torch.Tensor) -> torch.Tensor:
-    """2x2 average pooling of (N, H, W) images (an odd last row or column dropped)."""
-    n, h, w = grey.shape
-    return grey[:, : h // 2 * 2, : w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2).mean((2, 4))
 
 
 def _band_energies(grey: torch.Tensor) -> torch.Tensor:
