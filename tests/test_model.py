@@ -198,5 +198,28 @@ def test_npr_input_filter_feeds_the_backbone_the_upsampling_residual():
     module = DetectorModule(backbone="test_resnet", input_filter="npr")
     assert module.hparams.input_filter == "npr" and module.net.input_filter == "npr"
     assert DetectorModule(backbone="test_resnet").hparams.input_filter == "none"
-    with pytest.raises(ConfigError, match=r"model.input_filter='srm': one of none, npr"):
+    with pytest.raises(ConfigError, match=r"model.input_filter='srm': one of none, npr, image_"):
         SEClassifier("test_resnet", input_filter="srm")
+
+
+def test_image_and_npr_input_feeds_the_backbone_six_channels(tmp_path):
+    net = SEClassifier("test_resnet", input_filter="image_and_npr").eval()
+    seen = []
+    net.backbone.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    logits = net(images)
+    assert logits.shape == (2,) and seen[0].shape == (2, 6, 32, 32)
+    x = net.normalize(images)
+    torch.testing.assert_close(seen[0], torch.cat([x, upsampling_residual(x)], 1))
+    # only the stem differs from a three-channel network's weights
+    plain = SEClassifier("test_resnet").state_dict()
+    differ = [k for k, v in net.state_dict().items() if v.shape != plain[k].shape]
+    assert len(differ) == 1 and net.state_dict()[differ[0]].shape[1] == 6
+    # a three-channel weights file still loads: timm repeats the stem's RGB filters, scaled
+    rgb = SEClassifier("test_resnet").backbone.state_dict()
+    torch.save(rgb, tmp_path / "rgb.pth")
+    six = SEClassifier(
+        "test_resnet", weights_file=str(tmp_path / "rgb.pth"), input_filter="image_and_npr"
+    ).backbone.state_dict()
+    stem = differ[0].removeprefix("backbone.")
+    torch.testing.assert_close(six[stem], torch.cat([rgb[stem], rgb[stem]], 1) / 2)

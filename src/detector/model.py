@@ -49,7 +49,8 @@ def channel_mean_std(maps: torch.Tensor) -> torch.Tensor:
     return torch.cat([mean, (var * (h * w / max(h * w - 1, 1))).sqrt()], 1)
 
 
-INPUT_FILTERS = ("none", "npr")
+# What the backbone is fed: the image, its upsampling residual, or both as six channels.
+INPUT_FILTERS = ("none", "npr", "image_and_npr")
 
 
 def upsampling_residual(x: torch.Tensor) -> torch.Tensor:
@@ -78,7 +79,9 @@ class SEClassifier(nn.Module):
     shares one preprocessing contract.
 
     ``input_filter``: ``npr`` feeds the backbone :func:`upsampling_residual` of the image
-    instead of the image (docs/zoo.md, the ablation).
+    instead of the image (docs/zoo.md, the ablation); ``image_and_npr`` feeds both, stacked as
+    six channels (the stem's only new weights), so that the network keeps the content that
+    the residual throws away.
 
     ``flip_average``: outside training, the logit is the mean of the image's and its mirror
     image's (test-time augmentation). A model trained with horizontal flips treats both as the
@@ -111,7 +114,10 @@ class SEClassifier(nn.Module):
         if not 0.0 <= drop_path_rate < 1.0:
             raise ConfigError(f"model.drop_path_rate={drop_path_rate} must be in [0, 1)")
         self.flip_average = flip_average
-        self.backbone = create_backbone(backbone, pretrained, weights_file, drop_path_rate)
+        in_chans = 6 if input_filter == "image_and_npr" else 3
+        self.backbone = create_backbone(
+            backbone, pretrained, weights_file, drop_path_rate, in_chans
+        )
         if matmul_convs:  # faster CPU training on small maps (detector.matmul_conv)
             set_matmul_convs(self.backbone)
         channels = self.backbone.num_features
@@ -145,6 +151,8 @@ class SEClassifier(nn.Module):
         x = self.normalize(x)
         if self.input_filter == "npr":
             x = upsampling_residual(x)
+        elif self.input_filter == "image_and_npr":
+            x = torch.cat([x, upsampling_residual(x)], 1)
         return self.se(self.backbone(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

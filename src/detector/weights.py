@@ -33,6 +33,7 @@ def create_backbone(
     pretrained: bool = False,
     weights_file: str | None = None,
     drop_path_rate: float = 0.0,
+    in_chans: int = 3,
 ) -> nn.Module:
     """A timm trunk that returns its last feature map (no pooling, no classifier).
 
@@ -41,6 +42,8 @@ def create_backbone(
     """
     check_backbone(name)
     kwargs: dict = {"num_classes": 0, "global_pool": ""}
+    if in_chans != 3:  # pretrained stems are adapted by timm (the RGB filters repeated, scaled)
+        kwargs["in_chans"] = in_chans
     if drop_path_rate:  # stochastic depth; not every timm model takes the argument
         kwargs["drop_path_rate"] = drop_path_rate
         try:
