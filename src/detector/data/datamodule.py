@@ -33,6 +33,7 @@ from detector.data.decode import (
 )
 from detector.data.folders import split_indices
 from detector.data.layout import check_layout
+from detector.data.pseudo_fakes import check_pseudo_fakes, pseudo_fake_batch
 from detector.data.scan import (
     ScanResult,
     log_bad_files,
@@ -91,6 +92,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         train_dirs=None,
         class_map=None,
         source_weights=None,
+        pseudo_fake_prob: float = 0.0,
+        pseudo_fake_jpeg: int | None = 75,
     ) -> None:
         """One piece: ``input``: ``resize`` (images to ``image_size``) or ``crop`` (native
         random crops for training, tiles for validation and test: detector.data.contract)."""
@@ -143,6 +146,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         # (detector.data.cache).
         self.decode_size = decode_size or image_size
         self.shift = shift
+        check_pseudo_fakes(pseudo_fake_prob, pseudo_fake_jpeg)
+        self.pseudo_fake_prob, self.pseudo_fake_jpeg = pseudo_fake_prob, pseudo_fake_jpeg
         self.cache = bool(cache)
         self.cache_dir = cache_dir
         # Where bad_files.json goes: this, else the attached trainer's run folder.
@@ -306,6 +311,14 @@ class ImageFolderDataModule(L.LightningDataModule):
             cache_dir=self.cache_dir,
             folder=folder,
         )
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # On the host, where torchvision's JPEG codec runs: 32 px batches cost milliseconds.
+        if self.pseudo_fake_prob and self.trainer is not None and self.trainer.training:
+            batch = pseudo_fake_batch(
+                batch, self.pseudo_fake_prob, self.classes, self.pseudo_fake_jpeg
+            )
+        return batch
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         # Batch-wide, on the model's device: cheap whatever the loader path (cache, PIL, fast).

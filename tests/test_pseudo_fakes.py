@@ -1,0 +1,104 @@
+"""Pseudo-fakes (data.pseudo_fake_prob): real images through random upsamplers, labelled FAKE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import detector.data.datamodule as datamodule
+from detector.data.pseudo_fakes import add_pseudo_fakes, check_pseudo_fakes, random_upsample
+from detector.errors import ConfigError
+from tests.conftest import TINY, compose_config
+
+
+def test_without_noise_the_upsampler_is_plain_nearest_or_bilinear():
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 32, 32)
+    half = F.interpolate(images, size=(16, 16), mode="bilinear", antialias=True)
+    nearest = random_upsample(images, taps=0, mix=0, conv=0, sharpen=0, bilinear=0.0)
+    assert torch.equal(nearest, F.interpolate(half, scale_factor=2, mode="nearest"))
+    bilinear = random_upsample(images, taps=0, mix=0, conv=0, sharpen=0, bilinear=1.0)
+    expected = F.interpolate(half, scale_factor=2, mode="bilinear", align_corners=False)
+    assert torch.allclose(bilinear, expected, atol=1e-6)  # borders too: replicated, not dark
+
+
+def test_random_upsamplers_differ_per_image_and_keep_any_size():
+    torch.manual_seed(0)
+    smooth = F.interpolate(torch.rand(1, 3, 8, 12), size=(31, 45), mode="bilinear")
+    same = smooth.expand(4, -1, -1, -1)  # a photo-like image: smooth, with detail to lose
+    out = random_upsample(same)
+    assert out.shape == (4, 3, 31, 45)
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    assert all(not torch.allclose(out[0], out[i]) for i in range(1, 4))
+    # the content stays: each output is close to its input, far closer than to noise
+    assert float((out - same).abs().mean()) < 0.5 * float(
+        (torch.rand_like(same) - same).abs().mean()
+    )
+
+
+def test_fake_images_are_replaced_by_pseudo_fakes_of_the_batch_real_ones():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8)
+    smooth = F.interpolate(torch.rand(6, 3, 4, 4) * 255, size=(32, 32), mode="bilinear")
+    images[6:] = smooth.round().byte()  # photo-like REAL images: an upsampler keeps them
+    targets = torch.tensor([0] * 6 + [1] * 6)  # FAKE = 0
+    before = images.clone()
+    out = add_pseudo_fakes(images, targets, prob=1.0, fake=0, jpeg_quality=75)
+    assert torch.equal(images, before)  # the input is left alone
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    assert torch.equal(out[6:], images[6:])  # every REAL image kept
+    reals = images[6:].float()
+    for made in out[:6].float():
+        assert not any(torch.equal(made.byte(), fake) for fake in images[:6])
+        # one of the batch's REAL images, upsampled: far closer to it than to the others
+        nearest, second = (reals - made).abs().mean(dim=(1, 2, 3)).sort().values[:2]
+        assert float(nearest) < 0.3 * float(second)
+    assert torch.equal(add_pseudo_fakes(images, targets, prob=0.0, fake=0), images)
+
+
+@pytest.mark.parametrize(
+    ("prob", "quality", "message"),
+    [
+        (1.5, 75, "data.pseudo_fake_prob=1.5 must be a probability"),
+        (-0.1, 75, "data.pseudo_fake_prob=-0.1"),
+        (0.3, 0, "data.pseudo_fake_jpeg=0 must be a JPEG quality"),
+        (0.3, 101, "data.pseudo_fake_jpeg=101"),
+    ],
+)
+def test_bad_settings_are_one_clear_error(prob, quality, message):
+    with pytest.raises(ConfigError, match=message):
+        check_pseudo_fakes(prob, quality)
+    check_pseudo_fakes(0.3, None)  # null: no re-encoding
+
+
+def test_training_adds_pseudo_fakes_to_training_batches_only(image_folder, tmp_path, monkeypatch):
+    """The default config and callbacks, with pseudo-fakes on: every training batch goes through
+    them, validation and test batches never do."""
+    from detector.tasks.train import train
+
+    calls = []
+    original = datamodule.pseudo_fake_batch
+
+    def spy(batch, prob, classes, quality):
+        out = original(batch, prob, classes, quality)
+        changed = (out[0] != batch[0]).flatten(1).any(1)
+        calls.append((len(batch[0]), int(changed.sum()), int((batch[1] == 0).sum())))
+        return out
+
+    monkeypatch.setattr(datamodule, "pseudo_fake_batch", spy)
+    overrides = [*TINY, "data=imagefolder", f"data.root={image_folder}"]
+    cfg = compose_config("train", tmp_path, [*overrides, "data.pseudo_fake_prob=1.0"])
+    metrics = train(cfg)
+    assert metrics["best_model_path"]
+    # image_folder: 48 images, 38 of them train: 4 full batches of 8 (the last one dropped)
+    assert [n for n, _, _ in calls] == [8, 8, 8, 8]  # training batches only, never val/test
+    assert [changed for _, changed, _ in calls] == [fakes for _, _, fakes in calls]
+
+
+def test_classes_without_fake_are_refused_by_name():
+    from detector.data.pseudo_fakes import fake_class
+
+    assert fake_class(["fake", "real"]) == 0
+    with pytest.raises(ConfigError, match=r"classes are \['ai', 'nature'\].*data.class_map"):
+        fake_class(["ai", "nature"])
