@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import detector.data.datamodule as datamodule
 from detector.data.pseudo_fakes import add_pseudo_fakes, check_pseudo_fakes, random_upsample
 from detector.errors import ConfigError
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, run_script
 
 
 def test_without_noise_the_upsampler_is_plain_nearest_or_bilinear():
@@ -102,3 +102,17 @@ def test_classes_without_fake_are_refused_by_name():
     assert fake_class(["fake", "real"]) == 0
     with pytest.raises(ConfigError, match=r"classes are \['ai', 'nature'\].*data.class_map"):
         fake_class(["ai", "nature"])
+
+
+def test_detail_energy_script_measures_each_folder(image_folder, tmp_path):
+    """scripts/detail_energy.py: the test set's FAKE images carry a 2-pixel checkerboard, so
+    their NPR residual and Laplacian are larger than the smooth REAL images'."""
+    real, fake = image_folder / "train" / "REAL", image_folder / "train" / "FAKE"
+    done = run_script("scripts/detail_energy.py", str(real), str(fake), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()[1:]}
+    (n_real, lap_real, npr_real), (n_fake, lap_fake, npr_fake) = rows[str(real)], rows[str(fake)]
+    assert n_real == n_fake == "24"
+    assert float(npr_fake) > 2 * float(npr_real) and float(lap_fake) > 2 * float(lap_real)
+    missing = run_script("scripts/detail_energy.py", str(tmp_path / "nope"), cwd=tmp_path)
+    assert missing.returncode == 2 and f"{tmp_path / 'nope'}: not a folder" in missing.stderr
