@@ -52,10 +52,11 @@ def resize_conv_kernels(n: int, channels: int, strength: float, sharpen: float) 
     """(n * channels, channels, 3, 3): the convolution after a generator's resize: the identity,
     an unsharp mask of weight up to ``sharpen`` and Gaussian weights of up to ``strength``.
 
-    The sharpening matters: an upsampled image is smoother than a photograph, and a detector
-    that learns "smooth = FAKE" calls a GAN's sharp samples REAL (a GAN's discriminator
-    demands a photograph's fine detail; the zoo's GANs have it, its autoencoders do not). With
-    weights drawn in [0, 1] the pseudo-fakes' fine detail spans a photograph's, below and above.
+    Why the sharpening: an upsampled image is smoother than a photograph, and a detector that
+    learns "smooth = FAKE" calls a sharp generator's images REAL (the zoo's GANs are as sharp
+    as photographs, its autoencoders smoother). With weights drawn in [0, 1] the pseudo-fakes'
+    fine detail spans a photograph's, below and above. Measured, it does not make the zoo's
+    GANs found when left out (docs/zoo.md, "Pseudo-fakes").
     """
     identity = torch.zeros(channels, channels, 3, 3)
     identity[range(channels), range(channels), 1, 1] = 1.0
