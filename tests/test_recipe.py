@@ -139,7 +139,8 @@ def test_ema_callback_averages_with_one_fused_update_per_step():
 
 def test_general_cpu_trains_on_cifake_and_every_zoo_member(image_folder, tmp_path):
     """experiment=general_cpu: cifake_cpu with every zoo member as a further training source
-    (paths.zoo_dir) and the NPR input; each source gets its own validation numbers."""
+    (paths.zoo_dir), the image beside its NPR residual and 12 epochs; each source gets its own
+    validation numbers."""
     members = [m.name for m in MEMBERS]
     assert len(members) == 7 and {"dcgan", "nngan"} <= set(members)
     zoo = tmp_path / "zoo"
@@ -147,7 +148,8 @@ def test_general_cpu_trains_on_cifake_and_every_zoo_member(image_folder, tmp_pat
         make_image_folder(zoo / name, n_train=6, n_test=2, seed=10 + i)
     overrides = ["experiment=general_cpu", f"data.root={image_folder}", f"paths.zoo_dir={zoo}"]
     cfg = compose_config("train", tmp_path / "a", overrides)
-    assert cfg.model.input_filter == "npr" and cfg.data.image_size == 32
+    assert cfg.model.input_filter == "image_and_npr" and cfg.data.image_size == 32
+    assert cfg.trainer.max_epochs == 12 and 12 % cfg.trainer.check_val_every_n_epoch == 0
     assert dict(cfg.data.train_dirs) == {
         "cifake": f"{image_folder}/train",
         **{name: f"{zoo}/{name}/train" for name in members},
@@ -157,4 +159,7 @@ def test_general_cpu_trains_on_cifake_and_every_zoo_member(image_folder, tmp_pat
     for source in ("cifake", *members):
         assert 0.0 <= metrics[f"val/{source}/auroc"] <= 1.0, source
     module = torch.load(metrics["best_model_path"], map_location="cpu", weights_only=True)
-    assert module["hyper_parameters"]["input_filter"] == "npr"
+    assert module["hyper_parameters"]["input_filter"] == "image_and_npr"
+    weights = module["state_dict"].items()
+    stem = next(v for k, v in weights if "backbone" in k and v.ndim == 4)  # the first conv
+    assert stem.shape[1] == 6  # RGB and its residual
