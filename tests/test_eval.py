@@ -299,6 +299,11 @@ def test_training_augmentation_is_for_training_images_only(image_folder):
     assert not np.array_equal(np.asarray(changed), np.asarray(img))
     with pytest.raises(ConfigError, match="data.jpeg_prob"):
         RandomBlurJPEG(0.0, 1.5)
+    # a boolean is not read as 1, a string does not fail later inside a worker
+    with pytest.raises(ConfigError, match=r"data.blur_prob=True must be a probability in \[0, 1\]"):
+        RandomBlurJPEG(True, 0.0)
+    with pytest.raises(ConfigError, match="data.jpeg_prob='0.3' must be a probability"):
+        RandomBlurJPEG(0.0, "0.3")
 
     data = ImageFolderDataModule(
         root=str(image_folder), image_size=32, num_workers=0, blur_prob=1.0, jpeg_prob=0.5

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from detector.errors import ConfigError, DataError
 from detector.zoo import build
 from detector.zoo.__main__ import main
 from detector.zoo.build import ZooSettings, build_zoo
-from detector.zoo.nets import MEMBERS
+from detector.zoo.nets import BY_NAME, MEMBERS, Generator, build_network
 from detector.zoo.rest import write_rest
 
 MEMBERS_USED = "tconv,dcgan"  # an autoencoder (samples + reconstructions) and the GAN
@@ -247,3 +248,28 @@ def test_rest_links_only_files_no_member_used(tmp_path):
         f"zoo: rest: no {tmp_path / 'lonely' / 'FAKE'} beside the real folder, skipped"
     ]
     assert main([str(tmp_path / "z3"), "--rest-test-per-class", "0"]) == 2
+
+
+@pytest.mark.parametrize("name", ["dcgan", "nngan", "blgan"])
+def test_each_gan_upsamples_its_own_way(name):
+    """The three GANs share one generator and differ only in how each 2x step upsamples."""
+    member = BY_NAME[name]
+    assert member.kind == "gan" and not member.reconstructs
+    torch.manual_seed(0)
+    generator = build_network(member)
+    images = generator(torch.randn(2, generator.latent))
+    assert images.shape == (2, 3, 32, 32)
+    assert images.min() >= 0 and images.max() <= 1
+    modes = [m.mode for m in generator.modules() if isinstance(m, torch.nn.Upsample)]
+    transposed = [m for m in generator.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    if member.decoder == "transposed":
+        assert modes == [] and len(transposed) == 4  # the 4x4 stem and three 2x steps
+    else:
+        assert modes == [member.decoder] * 3 and len(transposed) == 1
+
+
+def test_a_new_member_goes_last_and_a_gan_refuses_other_upsampling():
+    # a member's real images are the slice at its position: blgan, added last, moved none
+    assert [m.name for m in MEMBERS][-3:] == ["dcgan", "nngan", "blgan"]
+    with pytest.raises(ValueError, match="'pixelshuffle' must be one of transposed, nearest"):
+        Generator(decoder="pixelshuffle")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from detector.data.settings import check_probability
 from detector.errors import ConfigError
 
 DEGRADATIONS = ("jpeg", "blur", "resize", "noise")
@@ -109,11 +110,8 @@ class RandomBlurJPEG:
         blur_sigma: tuple[float, float] = (0.0, 3.0),
         jpeg_quality: tuple[int, int] = (30, 100),
     ) -> None:
-        for name, p in (("data.blur_prob", blur_prob), ("data.jpeg_prob", jpeg_prob)):
-            if not 0.0 <= p <= 1.0:
-                raise ConfigError(f"{name}={p} must be a probability in [0, 1]")
-        self.blur_prob = float(blur_prob)
-        self.jpeg_prob = float(jpeg_prob)
+        self.blur_prob = check_probability("data.blur_prob", blur_prob)
+        self.jpeg_prob = check_probability("data.jpeg_prob", jpeg_prob)
         self.blur_sigma = tuple(float(s) for s in blur_sigma)
         self.jpeg_quality = tuple(int(q) for q in jpeg_quality)
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import decode_jpeg, encode_jpeg
 
+from detector.data.settings import check_probability
 from detector.errors import ConfigError
 
 NEAREST = torch.tensor([0.0, 1.0, 1.0, 0.0])
@@ -94,8 +95,7 @@ def random_upsample(
 
 
 def check_pseudo_fakes(prob: float, jpeg_quality: int | None) -> None:
-    if isinstance(prob, bool) or not isinstance(prob, int | float) or not 0.0 <= prob <= 1.0:
-        raise ConfigError(f"data.pseudo_fake_prob={prob} must be a probability in [0, 1]")
+    check_probability("data.pseudo_fake_prob", prob)
     if jpeg_quality is not None and (
         isinstance(jpeg_quality, bool)
         or not isinstance(jpeg_quality, int)

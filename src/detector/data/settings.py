@@ -35,3 +35,11 @@ def check_loader_settings(
             f"data.shift={shift} must be smaller than the images the loader decodes "
             f"({decoded} px, data.decode_size or data.image_size)"
         )
+
+
+def check_probability(name: str, value: object) -> float:
+    """A probability setting as a float; ``true`` or ``"0.3"`` are refused by name, as a
+    comparison would otherwise pass a boolean as 1 or fail deep inside a worker on a string."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name}={value!r} must be a probability in [0, 1]")
+    return float(value)

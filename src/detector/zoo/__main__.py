@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=MODES,
         default=defaults.mode,
         help="FAKE: mixed = half samples, half "
-        "reconstructions of held-out real images (samples only for the GANs, dcgan and nngan)",
+        "reconstructions of held-out real images (samples only for the GANs: dcgan, nngan, blgan)",
     )
     parser.add_argument(
         "--no-rest",

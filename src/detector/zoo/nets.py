@@ -2,7 +2,7 @@
 
 Four members are :class:`detector.data.synthesis.AutoEncoder` with another decoder (how it
 doubles the resolution, :func:`detector.data.synthesis.upsample`); the VAE and the two GANs
-(one generator class, two ways of upsampling) are here. All are tiny (tens to hundreds of
+(one generator class, three ways of upsampling) are here. All are tiny (tens to hundreds of
 thousands of parameters): a 2-core CPU trains each in minutes.
 """
 
@@ -23,6 +23,7 @@ VAE_WIDTHS = (32, 64, 128)
 VAE_LATENT = 64
 GAN_WIDTH = 32
 GAN_LATENT = 64
+GAN_DECODERS = ("transposed", "nearest", "bilinear")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ MEMBERS: tuple[Member, ...] = (
     Member("vae", "vae", "nearest", 1500, "VAE, 64-d latent, nearest upsampling + 3x3 conv"),
     Member("dcgan", "gan", "transposed", 2000, "DCGAN, transposed convs + BatchNorm, GAN loss"),
     Member("nngan", "gan", "nearest", 2000, "DCGAN, nearest upsampling + 3x3 conv, GAN loss"),
+    Member("blgan", "gan", "bilinear", 2000, "DCGAN, bilinear upsampling + 3x3 conv, GAN loss"),
 )
 BY_NAME: dict[str, Member] = {m.name: m for m in MEMBERS}
 
@@ -91,16 +93,19 @@ class VAE(nn.Module):
 class Generator(nn.Module):
     """DCGAN's generator at 32 px: a latent vector to 4 x 4, then three 2x upsamplings with
     BatchNorm to 32 x 32 (Radford et al. 2016, narrower): stride-2 transposed convolutions
-    (``decoder="transposed"``, DCGAN's own) or nearest upsampling + a 3x3 convolution
-    (``"nearest"``, the resize-convolution of Odena et al. 2016, without checkerboards). Two
-    GANs that upsample differently: the GAN family is still seen when one is left out."""
+    (``decoder="transposed"``, DCGAN's own), or nearest or bilinear upsampling + a 3x3
+    convolution (``"nearest"``, ``"bilinear"``: the resize-convolution of Odena et al. 2016,
+    without checkerboards; StyleGAN's filtered upsampling is of the bilinear kind). Three GANs
+    that upsample differently: the GAN family is still seen when one is left out."""
 
     def __init__(
         self, latent: int = GAN_LATENT, width: int = GAN_WIDTH, decoder: str = "transposed"
     ) -> None:
         super().__init__()
-        if decoder not in ("transposed", "nearest"):
-            raise ValueError(f"a GAN's decoder {decoder!r} must be transposed or nearest")
+        if decoder not in GAN_DECODERS:
+            raise ValueError(
+                f"a GAN's decoder {decoder!r} must be one of {', '.join(GAN_DECODERS)}"
+            )
         self.latent = latent
         layers: list[nn.Module] = [
             nn.ConvTranspose2d(latent, 4 * width, 4, 1, 0, bias=False),
