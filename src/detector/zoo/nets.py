@@ -1,7 +1,7 @@
 """The zoo's members: what each one is, and the networks that are not the demo's autoencoder.
 
 Four members are :class:`detector.data.synthesis.AutoEncoder` with another decoder (how it
-doubles the resolution, :func:`detector.data.synthesis.upsample`); the VAE and the two GANs
+doubles the resolution, :func:`detector.data.synthesis.upsample`); the VAE and the three GANs
 (one generator class, three ways of upsampling) are here. All are tiny (tens to hundreds of
 thousands of parameters): a 2-core CPU trains each in minutes.
 """
