@@ -137,11 +137,12 @@ def test_ema_callback_averages_with_one_fused_update_per_step():
     assert torch.allclose(weight, 0.9 * start["0.weight"] + 0.1 * (start["0.weight"] + 1.0))
 
 
-def test_general_cpu_trains_on_cifake_and_every_zoo_member(image_folder, tmp_path):
-    """experiment=general_cpu: cifake_cpu with every zoo member as a further training source
+def test_general_cpu_trains_on_cifake_and_seven_zoo_members(image_folder, tmp_path):
+    """experiment=general_cpu: cifake_cpu with the zoo's members but blgan (added after the
+    recipe was measured; it did not help, docs/zoo.md) as further training sources
     (paths.zoo_dir), the image beside its NPR residual and 12 epochs; each source gets its own
     validation numbers."""
-    members = [m.name for m in MEMBERS]
+    members = [m.name for m in MEMBERS if m.name != "blgan"]
     assert len(members) == 7 and {"dcgan", "nngan"} <= set(members)
     zoo = tmp_path / "zoo"
     for i, name in enumerate(members):
