@@ -15,6 +15,7 @@ from detector.zoo.rest import REST, write_rest
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = ZooSettings()
     members = "\n".join(f"  {m.name:<13} {m.about} ({m.steps} steps)" for m in MEMBERS)
+    samples_only = [m for m in MEMBERS if not m.reconstructs]
     parser = argparse.ArgumentParser(
         prog="python -m detector.zoo",
         description="Train small local generators on real images (stand-ins for real "
@@ -50,8 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--mode",
         choices=MODES,
         default=defaults.mode,
-        help="FAKE: mixed = half samples, half "
-        "reconstructions of held-out real images (samples only for the GANs: dcgan, nngan, blgan)",
+        help="FAKE: mixed = half samples, half reconstructions of held-out real images (samples "
+        f"only for the members without an encoder: {', '.join(m.name for m in samples_only)})",
     )
     parser.add_argument(
         "--no-rest",
