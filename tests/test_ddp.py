@@ -304,11 +304,16 @@ def assert_same_ood_model(ckpt: Path, data_root: Path) -> None:
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     alone = fit_on_data(load_checkpoint(ckpt), dm, trainer, stored["feature"], 0.95).state()
     assert stored["info"] == alone["info"]
-    assert (
-        set(stored["means"]) == set(alone["means"]) == {"stages", "log_stages", "image"}
-    )  # the default
+    # the default: Gaussians of log_stages, nearest neighbours of the stages and the image
+    assert set(stored["means"]) == set(alone["means"]) == {"log_stages"}
+    assert set(stored["neighbours"]) == set(alone["neighbours"]) == {"stages_nn", "image_nn"}
     for part in stored["means"]:
         assert torch.allclose(stored["means"][part], alone["means"][part], rtol=1e-4, atol=1e-6)
+    for part, state in stored["neighbours"].items():
+        # the same rows in the same order (dataset order); principal directions up to a sign
+        mine, theirs = state["bank"], alone["neighbours"][part]["bank"]
+        assert mine.shape == theirs.shape
+        assert torch.allclose(mine.abs(), theirs.abs(), rtol=1e-3, atol=1e-3), part
     # The precision matrices are ill-conditioned (near-dead units): compared through what they
     # compute, the scales and the threshold.
     ours = [*stored["scales"].values(), stored["threshold"]]

@@ -61,13 +61,13 @@ def test_fit_scores_far_points_higher_and_sets_the_threshold_at_the_quantile():
     labels = torch.arange(2000) % 2
     train, val = sample(2000), sample(1000)
     model = fit_ood(train, labels, val, "hidden", 0.95)
-    assert list(model.models) == ["features", "stages", "log_stages", "image"]
+    assert list(model.models) == ["features", "stages_nn", "log_stages", "image_nn"]
     assert torch.allclose(model.models["features"].means.float(), centres, atol=0.1)
     # log_stages, derived from the stages at fit time, is the Gaussian of their logarithms
     logs = torch.log(train["stages"].double() + 1e-3)
     assert torch.allclose(model.models["log_stages"].means, logs.mean(0).expand(2, 2), atol=0.02)
     assert model.info["val_flagged"] == pytest.approx(0.05, abs=0.002)
-    assert model.info["dims"] == {"features": 3, "stages": 2, "log_stages": 2, "image": 2}
+    assert model.info["dims"] == {"features": 3, "stages_nn": 2, "log_stages": 2, "image_nn": 2}
     typical = {"features": centres, "stages": torch.ones(2, 2), "image": torch.zeros(2, 2)}
     assert model.score(typical).max() < model.threshold
     # one component far off is enough, the others at a class mean (floored)
@@ -78,6 +78,24 @@ def test_fit_scores_far_points_higher_and_sets_the_threshold_at_the_quantile():
     ):
         odd = {k: v[:1] for k, v in typical.items()} | {part: torch.tensor([far])}
         assert not model.in_domain(model.score(odd)).item(), part
+    # one component beyond what 99.5% of validation images reach on any scores at least at
+    # the geometric mean's threshold, in proportion: the mean of four cannot dilute it
+    extreme, anchor = model.extreme
+    assert extreme > 1.0 and anchor <= model.threshold
+    odd = {k: v[:1] for k, v in typical.items()} | {"image": torch.tensor([[0.0, 12.0]])}
+    scaled = float(model.models["image_nn"].distance(odd["image"])) / model.scales["image_nn"]
+    assert scaled > 2 * extreme
+    geometric = OODModel(**{**model.__dict__, "extreme": None}).score(odd).item()
+    assert geometric < anchor * scaled / extreme
+    assert model.score(odd).item() == pytest.approx(anchor * scaled / extreme, rel=1e-5)
+    # the nearest-neighbour components: the squared distance to the nearest standardised
+    # training row (a training row itself is at 0)
+    neighbours = model.models["image_nn"]
+    spread = train["image"].double().std(0)
+    odd = torch.tensor([[0.0, 400.0]])
+    expected = (((odd.double() - train["image"].double()) / spread) ** 2).sum(1).min()
+    assert neighbours.distance(odd).item() == pytest.approx(float(expected), rel=1e-2)
+    assert neighbours.distance(train["image"][:5]).max() < 1e-9
     # the geometric mean of the scaled distances: one component's distance 4x as large makes
     # the score 4 ** (1/4) as large (four components; the others alike)
     near, far = (
@@ -196,10 +214,14 @@ def test_training_stores_the_model_in_the_best_checkpoint(trained_run):
     # the default (ood.feature=none): early stages (also as logs) and the image statistics, no
     # network-feature component, combined by the geometric mean
     assert state["feature"] == "none" and state["combine"] == "geometric"
-    assert set(state["scales"]) == {"stages", "log_stages", "image"}
-    assert state["means"]["stages"].shape == (2, 2 * (32 + 48))  # test_resnet's layer1, layer2
+    assert set(state["scales"]) == {"stages_nn", "log_stages", "image_nn"}
+    # test_resnet's layer1 and layer2: 2 * (32 + 48) statistics; the 38 training images' rows
+    # are the banks, the stages' in their 32 principal directions
     assert state["means"]["log_stages"].shape == (2, 2 * (32 + 48))
-    assert state["means"]["image"].shape == (2, 24)
+    stages = state["neighbours"]["stages_nn"]
+    assert stages["projection"].shape == (2 * (32 + 48), 32) and stages["bank"].shape == (38, 32)
+    assert state["neighbours"]["image_nn"]["bank"].shape == (38, 24)
+    assert state["neighbours"]["image_nn"]["projection"] is None
     assert state["info"]["train_images"] == 38 and state["info"]["val_images"] == 10
     assert 0.0 <= state["info"]["val_flagged"] <= 0.1 + 1e-6  # 1 of 10 at most
     assert load_checkpoint(trained_run["ckpt"]).ood.threshold == state["threshold"]
@@ -303,8 +325,11 @@ def test_a_checkpoint_without_the_model_says_so_and_eval_can_refit_it(trained_ru
     refit = load_checkpoint_file(run / "checkpoint-ood.ckpt")["ood"]
     fitted = load_checkpoint_file(trained_run["ckpt"])["ood"]
     assert refit["threshold"] == pytest.approx(fitted["threshold"], rel=1e-4)
-    for part in ("stages", "log_stages", "image"):
-        assert torch.allclose(refit["means"][part], fitted["means"][part], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(refit["means"]["log_stages"], fitted["means"]["log_stages"], atol=1e-4)
+    for part in ("stages_nn", "image_nn"):
+        new, old_bank = refit["neighbours"][part]["bank"], fitted["neighbours"][part]["bank"]
+        # principal directions are defined up to their sign
+        assert torch.allclose(new.abs(), old_bank.abs(), rtol=1e-3, atol=1e-3), part
     assert report["ood"]["n_flagged"] == int(
         sum(r["in_domain"] == "False" for r in _rows(run / "predictions.csv"))
     )
@@ -339,12 +364,82 @@ def test_the_network_features_are_a_component_only_when_asked_for():
     )
     from detector.evaluation.ood import fitted_components
 
-    assert fitted_components("none") == ("stages", "log_stages", "image")
-    assert fitted_components("hidden") == ("features", "stages", "log_stages", "image")
+    assert fitted_components("none") == ("stages_nn", "log_stages", "image_nn")
+    assert fitted_components("hidden") == ("features", "stages_nn", "log_stages", "image_nn")
     parts = components(images, embedding, fitted_components("none"))
-    assert set(parts) == {"stages", "log_stages", "image"}
+    assert set(parts) == {"stages_nn", "log_stages", "image_nn"}
+    assert torch.equal(parts["stages_nn"], embedding.stages)
     assert torch.equal(parts["log_stages"], torch.log(embedding.stages + 1e-3))
     hidden = components(images, embedding, ["features"], feature="hidden")["features"]
     assert torch.equal(hidden, embedding.hidden)
     pooled = components(images, embedding, ["features"], feature="pooled")["features"]
     assert torch.equal(pooled, embedding.pooled)
+
+
+def test_nearest_neighbours_see_the_gap_between_clumps_that_a_gaussian_fills():
+    """Why the early stages and the image statistics are scored by the nearest training row: a
+    training set of a few clumps (crops of a dozen photographs) leaves a gap that one Gaussian
+    counts as familiar; the distance to the nearest row does not. It is exact, independent of
+    the batch, and the bank is a seeded sample of at most ``rows`` rows."""
+    from detector.evaluation.gaussians import Gaussians
+    from detector.evaluation.neighbours import NearestNeighbours
+
+    gen = torch.Generator().manual_seed(3)
+    clumps = torch.tensor([[-5.0, 0.0], [5.0, 0.0]])
+    train = clumps[torch.arange(4000) % 2] + 0.3 * torch.randn(4000, 2, generator=gen)
+    gap, member = torch.tensor([[0.0, 0.0]]), torch.tensor([[5.0, 0.2]])
+    neighbours = NearestNeighbours.fit(train, rows=1000)
+    gaussian = Gaussians.fit(
+        train, torch.zeros(4000, dtype=torch.long).index_fill(0, torch.tensor([0]), 1)
+    )
+    assert neighbours.distance(gap) > 50 * neighbours.distance(member)
+    assert gaussian.distance(gap) < 2 * gaussian.distance(member)
+    assert neighbours.bank.shape == (1000, 2) and neighbours.projection is None
+    assert torch.equal(NearestNeighbours.fit(train, rows=1000).bank, neighbours.bank)
+
+    wide = torch.randn(3000, 80, generator=gen) * torch.linspace(0.1, 3, 80)
+    reduced = NearestNeighbours.fit(wide, rows=500, dims=16)
+    assert reduced.projection.shape == (80, 16) and reduced.bank.shape == (500, 16)
+    queries = torch.randn(70, 80, generator=gen)
+    together = reduced.distance(queries)
+    alone = torch.cat([reduced.distance(q[None]) for q in queries])
+    assert torch.allclose(together, alone, rtol=1e-6)
+    brute = torch.cdist(reduced.embed(queries).double(), reduced.bank.double()).pow(2).min(1)
+    assert torch.allclose(together, brute.values, rtol=1e-9)
+    again = NearestNeighbours.from_state(reduced.state())
+    assert torch.equal(again.distance(queries), together)
+    with pytest.raises(ValueError, match="at least two training rows"):
+        NearestNeighbours.fit(wide[:1])
+
+
+def test_a_checkpoint_with_the_gaussians_of_stages_and_image_scores_as_it_did():
+    """The default before the nearest-neighbour densities: Gaussians of ``stages``,
+    ``log_stages`` and ``image``, geometric mean; such states have no ``neighbours``."""
+    from detector.evaluation.ood import FLOOR, Gaussians, log_scale
+    from detector.model import Embedding
+
+    gen = torch.Generator().manual_seed(4)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    embedding = Embedding(torch.zeros(6), torch.ones(6, 4), torch.ones(6, 4), torch.rand(6, 8))
+    labels = torch.arange(6) % 2
+    values = {
+        "stages": embedding.stages,
+        "log_stages": log_scale(embedding.stages),
+        "image": image_statistics(images),
+    }
+    models = {k: Gaussians.fit(v, labels) for k, v in values.items()}
+    scales = {"stages": 2.0, "log_stages": 3.0, "image": 5.0}
+    state = {
+        "feature": "none",
+        "combine": "geometric",
+        "means": {k: g.means for k, g in models.items()},
+        "precisions": {k: g.precision for k, g in models.items()},
+        "scales": scales,
+        "threshold": 1.0,
+        "quantile": 0.95,
+    }
+    loaded = OODModel.from_state(state)
+    assert list(loaded.models) == ["stages", "log_stages", "image"]
+    logs = [(g.distance(values[k]) / scales[k]).clamp_min(FLOOR).log() for k, g in models.items()]
+    expected = torch.stack(logs).mean(0).exp()
+    assert torch.allclose(loaded.score_batch(images, embedding).double(), expected, rtol=1e-5)

@@ -2,19 +2,21 @@
 
 A binary detector gives every input a label, also an image unlike anything it learned (random
 noise, a flat colour, another generator's images, a photograph at another scale), often with
-high confidence. Gaussian models of the training split, each one Gaussian per class with a
-shared covariance, scored by the smallest squared Mahalanobis distance to a class mean (Lee et
-al., NeurIPS 2018), look at three things, and at a fourth on request:
+high confidence. Density models of the training split look at three things, and at a fourth on
+request:
 
-* ``stages``: the channel means and spreads of the backbone's early stages (1/4 and 1/8 of the
-  input): textures and edges, where other image sources differ first;
+* ``stages_nn``: the channel means and spreads of the backbone's early stages (1/4 and 1/8 of
+  the input), textures and edges, where other image sources differ first; scored by the
+  distance to the nearest training image (:mod:`detector.evaluation.neighbours`);
 * ``log_stages``: the same statistics on a log scale, where a channel's relative change counts
-  (a quiet channel that wakes up), not only its absolute one;
-* ``image``: statistics of the pixels at the model's input (channel means and spreads, the
+  (a quiet channel that wakes up), not only its absolute one; one Gaussian per class with a
+  shared covariance, scored by the smallest squared Mahalanobis distance to a class mean (Lee
+  et al., NeurIPS 2018);
+* ``image_nn``: statistics of the pixels at the model's input (channel means and spreads, the
   step between neighbours, the correlation of neighbours and of colour channels, fine detail
   at two scales, the energy of the spectrum in four bands, colourfulness and clipping): far
   from natural images for noise and flat colours, and different between sources of
-  photographs (how they were resized, compressed, lit);
+  photographs (how they were resized, compressed, lit); nearest training image;
 * ``features`` (``ood.feature=hidden`` or ``pooled``; default ``none``): the network's
   penultimate features. Measured, they separate other sources worse than the others and
   dilute them (docs/ood.md), so they are off unless asked for.
@@ -23,12 +25,14 @@ al., NeurIPS 2018), look at three things, and at a fourth on request:
 validation split (higher = less like the training data). Distances of in-domain images have
 long right tails, and an arithmetic mean is set by whichever component's tail is longest; in
 the mean of their logarithms an image moderately far on every component stands out (measured:
-docs/ood.md). The threshold is the ``quantile`` of the validation split's scores, so about
+docs/ood.md); one component far beyond any validation image's (:data:`EXTREME`) is enough on
+its own. The threshold is the ``quantile`` of the validation split's scores, so about
 ``1 - quantile`` of in-domain images are flagged by construction. The label is never changed:
 ``in_domain=false`` says it is unreliable.
 
-Checkpoints from before (components ``stages`` and ``pixels``, 13 pixel statistics, and the
-arithmetic mean) load and score as they did: the state says which components and which mean.
+Checkpoints from before (Gaussians of ``stages`` and ``image``; earlier ``stages`` and
+``pixels``, 13 pixel statistics, and the arithmetic mean) load and score as they did: the state
+says which components and which mean.
 
 Everything is plain tensors and numbers, stored in the checkpoint under ``"ood"``.
 """
@@ -37,23 +41,19 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from detector.data.tiles import segment_mean
 from detector.errors import ConfigError
+from detector.evaluation.gaussians import Gaussians
 from detector.evaluation.image_statistics import image_statistics, pixel_statistics
+from detector.evaluation.neighbours import NearestNeighbours
 
 # none: no network-feature component; hidden: the head's ReLU activations; pooled: the pooled
 # backbone map
 FEATURES = ("none", "hidden", "pooled")
-# Ridge added to a shared covariance, relative to its mean variance: features of a small
-# network are often rank-deficient (dead ReLUs), and the inverse must exist.
-RIDGE = 1e-3
-# Columns of the whitening map per matrix product (Gaussians.distance): 128 was the fastest of
-# 128-384 for 1,536-d on 2 cores, with one thread too.
-WHITEN_BLOCK = 128
 STATE_KEYS = {"feature", "means", "precisions", "scales", "threshold", "quantile"}
 NO_OOD_MODEL = (
     "this checkpoint has no out-of-domain model (trained before it existed, or with ood=null): "
@@ -61,81 +61,21 @@ NO_OOD_MODEL = (
 )
 
 
-@dataclass
-class Gaussians:
-    """Class means and the inverse of the shared (within-class) covariance, float64."""
-
-    means: torch.Tensor  # (classes, D)
-    precision: torch.Tensor  # (D, D)
-    _whiten: tuple[list, torch.Tensor] | None = field(default=None, repr=False)
-
-    @classmethod
-    def fit(
-        cls,
-        values: torch.Tensor,
-        labels: torch.Tensor,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        chunk: int = 8192,
-    ) -> Gaussians:
-        """The class means and shared covariance of ``transform(values)``, accumulated in
-        float64 a chunk of rows at a time (two passes: means, then the centred products), so
-        that a fit on 80,000 images never holds a float64 or transformed copy of them all."""
-        classes = sorted(int(c) for c in labels.unique())
-        if len(classes) < 2:
-            raise ValueError("the training features hold one class only")
-        index = torch.searchsorted(torch.tensor(classes), labels)
-
-        def chunks() -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-            for start in range(0, len(values), chunk):
-                rows = values[start : start + chunk]
-                rows = transform(rows) if transform is not None else rows
-                yield rows.to(torch.float64), index[start : start + chunk]
-
-        dims = values.shape[1]
-        sums = torch.zeros(len(classes), dims, dtype=torch.float64)
-        for rows, idx in chunks():
-            sums.index_add_(0, idx, rows)
-        means = sums / torch.bincount(index, minlength=len(classes)).to(torch.float64)[:, None]
-        cov = torch.zeros(dims, dims, dtype=torch.float64)
-        for rows, idx in chunks():
-            centred = rows - means[idx]
-            cov += centred.T @ centred
-        cov /= max(len(values) - len(classes), 1)
-        ridge = RIDGE * float(cov.diagonal().mean()) + 1e-12
-        precision = torch.linalg.inv(cov + ridge * torch.eye(dims, dtype=cov.dtype))
-        return cls(means, precision)
-
-    def distance(self, values: torch.Tensor) -> torch.Tensor:
-        """Smallest squared Mahalanobis distance to a class mean, on the CPU.
-
-        Through the whitening map ``W`` (``precision = W W^T``, Cholesky, computed once in
-        float64): ``||x W - mu W||^2`` in float32. ``W`` is lower triangular, so ``x W`` is
-        a product per block of columns with the rows from the block's diagonal down, about
-        half the arithmetic: 1.4 ms instead of 3.0 for 64 x 1,536 on 2 cores (a triangular
-        solve: 2.1; docs/ood.md, cost).
-        """
-        if self._whiten is None:
-            whiten = torch.linalg.cholesky(self.precision)
-            blocks = [
-                (start, whiten[start:, start : start + WHITEN_BLOCK].float().contiguous())
-                for start in range(0, len(whiten), WHITEN_BLOCK)
-            ]
-            self._whiten = (blocks, (self.means @ whiten).float())
-        blocks, centres = self._whiten
-        x = values.detach().to("cpu", torch.float32)
-        z = torch.cat([x[:, start:] @ block for start, block in blocks], 1)
-        # Differences, not cdist: its matrix-product path (chosen by batch size) would make a
-        # score depend on the batch it came in.
-        return (z[:, None] - centres[None]).pow(2).sum(-1).min(dim=1).values.double()
-
-
-# In this order, those fitted: ``pixels`` (13 statistics) only in checkpoints from before
-# ``image`` replaced it, scored by the arithmetic mean of the components.
-COMPONENTS = ("features", "stages", "log_stages", "image", "pixels")
+# In this order, those fitted. Only in older checkpoints: the Gaussians of ``stages`` and
+# ``image`` (before their nearest-neighbour densities), ``pixels`` (13 statistics, before
+# ``image``; those scored by the arithmetic mean of the components).
+COMPONENTS = ("features", "stages", "stages_nn", "log_stages", "image", "image_nn", "pixels")
+# Components scored by the distance to the nearest training image, not by Gaussians
+NEAREST = ("stages_nn", "image_nn")
 # The geometric mean floors each scaled distance at this share of its validation median, so that
 # one component that happens to sit at a class mean cannot cancel another that is far off (no
 # in-domain image measured came below it: the 1% quantiles were 0.3-0.5).
 FLOOR = 0.25
+# An image whose farthest component is beyond what this share of validation images reaches on
+# any component scores at least at the geometric mean's threshold: a mean of three dilutes one
+# far component (downsized noise: near on the stages, 37x the median on the image statistics)
+# down to the threshold's edge (docs/ood.md).
+EXTREME = 0.995
 
 
 def log_scale(stages: torch.Tensor) -> torch.Tensor:
@@ -143,9 +83,17 @@ def log_scale(stages: torch.Tensor) -> torch.Tensor:
     return torch.log(stages.float().abs() + 1e-3)
 
 
+def _same(values: torch.Tensor) -> torch.Tensor:
+    return values
+
+
 # Components a fit derives from another one's values instead of collecting them: a second copy
 # of every training image's early-stage statistics would double what a fit holds in memory.
-DERIVED = {"log_stages": ("stages", log_scale)}
+DERIVED = {
+    "log_stages": ("stages", log_scale),
+    "stages_nn": ("stages", _same),
+    "image_nn": ("image", _same),
+}
 
 
 def _part(parts: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -157,7 +105,12 @@ def _part(parts: dict[str, torch.Tensor], name: str) -> torch.Tensor:
 
 def fitted_components(feature: str) -> tuple[str, ...]:
     """What a new fit reads: the network's features when asked for, stages and the image."""
-    return (*(("features",) if feature != "none" else ()), "stages", "log_stages", "image")
+    return (*(("features",) if feature != "none" else ()), "stages_nn", "log_stages", "image_nn")
+
+
+def sources(names: Iterable[str]) -> list[str]:
+    """What components ``names`` are computed from (a derived one from its source), in order."""
+    return list(dict.fromkeys(DERIVED[k][0] if k in DERIVED else k for k in names))
 
 
 @dataclass
@@ -165,23 +118,30 @@ class OODModel:
     """One density model per component, their scales and the threshold on the mean score."""
 
     feature: str
-    models: dict[str, Gaussians]
+    models: dict[str, Gaussians | NearestNeighbours]
     scales: dict[str, float]  # validation medians of each component's distance
     threshold: float
     quantile: float
     info: dict
     combine: str = "geometric"  # "mean": checkpoints from before the geometric mean
+    # (the EXTREME quantile of the largest scaled distance on validation, the geometric mean's
+    # threshold); None in checkpoints from before it
+    extreme: tuple[float, float] | None = None
 
     def score(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """Geometric (or, for older checkpoints, arithmetic) mean of the scaled distances of
         ``parts`` (component -> (N, D); one of :data:`DERIVED` may be left to its source),
-        float32, CPU."""
+        float32, CPU; at least ``anchor * largest / extreme`` (:data:`EXTREME`)."""
         scaled = torch.stack(
             [g.distance(_part(parts, k)) / self.scales[k] for k, g in self.models.items()]
         )
         if self.combine == "mean":
             return scaled.mean(0).float()
-        return scaled.clamp_min(FLOOR).log().mean(0).exp().float()
+        score = scaled.clamp_min(FLOOR).log().mean(0).exp()
+        if self.extreme is not None:
+            extreme, anchor = self.extreme
+            score = torch.maximum(score, anchor * scaled.max(0).values / extreme)
+        return score.float()
 
     def score_batch(
         self, images: torch.Tensor, embedding, counts: torch.Tensor | None = None
@@ -196,17 +156,22 @@ class OODModel:
 
     def state(self) -> dict:
         return {
-            "method": f"{self.combine} mean of the scaled Mahalanobis distances of "
-            + ", ".join(self.models),
+            "method": f"{self.combine} mean of the scaled distances (Mahalanobis; nearest "
+            "training image for *_nn) of " + ", ".join(self.models),
             "combine": self.combine,
+            "extreme": self.extreme,
             "feature": self.feature,
-            "means": {k: g.means for k, g in self.models.items()},
-            "precisions": {k: g.precision for k, g in self.models.items()},
+            "means": {k: g.means for k, g in self._gaussians()},
+            "precisions": {k: g.precision for k, g in self._gaussians()},
+            "neighbours": {k: g.state() for k, g in self.models.items() if k in NEAREST},
             "scales": dict(self.scales),
             "threshold": self.threshold,
             "quantile": self.quantile,
             "info": self.info,
         }
+
+    def _gaussians(self) -> list[tuple[str, Gaussians]]:
+        return [(k, g) for k, g in self.models.items() if isinstance(g, Gaussians)]
 
     @classmethod
     def from_state(cls, state: dict | None) -> OODModel | None:
@@ -219,10 +184,13 @@ class OODModel:
                 stacklevel=2,
             )
             return None
+        neighbours = state.get("neighbours") or {}  # none before the nearest-neighbour ones
         models = {
-            k: Gaussians(state["means"][k].double(), state["precisions"][k].double())
+            k: NearestNeighbours.from_state(neighbours[k])
+            if k in neighbours
+            else Gaussians(state["means"][k].double(), state["precisions"][k].double())
             for k in COMPONENTS
-            if k in state["means"]  # older checkpoints hold other components
+            if k in state["means"] or k in neighbours  # older checkpoints hold other components
         }
         return cls(
             feature=state["feature"],
@@ -232,6 +200,7 @@ class OODModel:
             quantile=float(state["quantile"]),
             info=dict(state.get("info") or {}),
             combine=state.get("combine", "mean"),  # saved before the geometric mean: "mean"
+            extreme=tuple(state["extreme"]) if state.get("extreme") else None,
         )
 
 
@@ -252,8 +221,7 @@ def components(
         "image": lambda: image_statistics(images),
         "pixels": lambda: pixel_statistics(images),
     }
-    needed = {DERIVED[k][0] if k in DERIVED else k for k in names}
-    parts = {k: read[k]() for k in needed}
+    parts = {k: read[k]() for k in sources(names)}
     if counts is not None:
         parts = {k: segment_mean(v.float(), counts) for k, v in parts.items()}
     return {k: _part(parts, k) for k in names}
@@ -276,14 +244,20 @@ def fit_ood(
     """The density models of the training split's components (component -> (N, D); those
     of :data:`DERIVED` are computed from their source when it is there and they are not);
     scales and threshold from the validation split's."""
-    names = [k for k in COMPONENTS if k in train or (k in DERIVED and DERIVED[k][0] in train)]
-    models = {}
+    names = [k for k in fitted_components(feature) if sources([k])[0] in train]
+    models: dict[str, Gaussians | NearestNeighbours] = {}
     for k in names:
         source, transform = (k, None) if k in train else DERIVED[k]
-        models[k] = Gaussians.fit(train[source], labels, transform)
+        if k in NEAREST:
+            models[k] = NearestNeighbours.fit(train[source])
+        else:
+            models[k] = Gaussians.fit(train[source], labels, transform)
     val = {k: _part(val, k) for k in names}
     scales = {k: float(models[k].distance(val[k]).median()) + 1e-12 for k in names}
     model = OODModel(feature, models, scales, float("inf"), quantile, {})
+    largest = torch.stack([models[k].distance(val[k]) / scales[k] for k in names]).max(0).values
+    anchor = torch.quantile(model.score(val).double(), quantile)
+    model.extreme = (float(torch.quantile(largest, EXTREME)), float(anchor))
     val_scores = model.score(val)
     model.threshold = float(torch.quantile(val_scores.double(), quantile))
     model.info = {
@@ -303,7 +277,7 @@ def collect_features(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(component -> (N, D), labels) of every batch, on the CPU: the components a fit reads,
     less those it derives (:data:`DERIVED`)."""
-    collected = [k for k in fitted_components(feature) if k not in DERIVED]
+    collected = sources(fitted_components(feature))
     parts: dict[str, list[torch.Tensor]] = {}
     labels = []
     with torch.inference_mode():
