@@ -132,9 +132,12 @@ class OODModel:
         """Geometric (or, for older checkpoints, arithmetic) mean of the scaled distances of
         ``parts`` (component -> (N, D); one of :data:`DERIVED` may be left to its source),
         float32, CPU; at least ``anchor * largest / extreme`` (:data:`EXTREME`)."""
-        scaled = torch.stack(
-            [g.distance(_part(parts, k)) / self.scales[k] for k, g in self.models.items()]
-        )
+        distances = {k: g.distance(_part(parts, k)) for k, g in self.models.items()}
+        return self.combine_distances(distances)
+
+    def combine_distances(self, distances: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`score` from each component's distances (component -> (N,))."""
+        scaled = torch.stack([distances[k] / self.scales[k] for k in self.models])
         if self.combine == "mean":
             return scaled.mean(0).float()
         score = scaled.clamp_min(FLOOR).log().mean(0).exp()
@@ -247,18 +250,20 @@ def fit_ood(
     names = [k for k in fitted_components(feature) if sources([k])[0] in train]
     models: dict[str, Gaussians | NearestNeighbours] = {}
     for k in names:
-        source, transform = (k, None) if k in train else DERIVED[k]
         if k in NEAREST:
-            models[k] = NearestNeighbours.fit(train[source])
+            models[k] = NearestNeighbours.fit(_part(train, k))
         else:
+            source, transform = (k, None) if k in train else DERIVED[k]
             models[k] = Gaussians.fit(train[source], labels, transform)
     val = {k: _part(val, k) for k in names}
-    scales = {k: float(models[k].distance(val[k]).median()) + 1e-12 for k in names}
+    # Each validation distance once: the scales, the extreme and the threshold all read them.
+    distances = {k: models[k].distance(val[k]) for k in names}
+    scales = {k: float(d.median()) + 1e-12 for k, d in distances.items()}
     model = OODModel(feature, models, scales, float("inf"), quantile, {})
-    largest = torch.stack([models[k].distance(val[k]) / scales[k] for k in names]).max(0).values
-    anchor = torch.quantile(model.score(val).double(), quantile)
+    largest = torch.stack([distances[k] / scales[k] for k in names]).max(0).values
+    anchor = torch.quantile(model.combine_distances(distances).double(), quantile)
     model.extreme = (float(torch.quantile(largest, EXTREME)), float(anchor))
-    val_scores = model.score(val)
+    val_scores = model.combine_distances(distances)
     model.threshold = float(torch.quantile(val_scores.double(), quantile))
     model.info = {
         "train_images": len(labels),
