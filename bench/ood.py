@@ -51,12 +51,12 @@ def main() -> None:
     for b in batches:  # warm-up
         detector.score(b), detector.score_with_ood(b)
     times: dict[str, list[float]] = {"plain": [], "ood": []}
+    pair = [("plain", detector.score), ("ood", detector.score_with_ood)]
     for repeat in range(args.repeats):
         total = {"plain": 0.0, "ood": 0.0}
         for i, b in enumerate(batches):
             # Each batch timed both ways back to back, which one first alternating: the
             # machine's drift (seconds) and a warm cache cancel within a pair.
-            pair = [("plain", detector.score), ("ood", detector.score_with_ood)]
             for name, fn in pair if (repeat + i) % 2 == 0 else pair[::-1]:
                 total[name] += timed(fn, b)
         for name, seconds in total.items():

@@ -135,9 +135,13 @@ class OODModel:
         distances = {k: g.distance(_part(parts, k)) for k, g in self.models.items()}
         return self.combine_distances(distances)
 
+    def scaled(self, distances: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(components, N): each component's distances (component -> (N,)) over its scale."""
+        return torch.stack([distances[k] / self.scales[k] for k in self.models])
+
     def combine_distances(self, distances: dict[str, torch.Tensor]) -> torch.Tensor:
         """:meth:`score` from each component's distances (component -> (N,))."""
-        scaled = torch.stack([distances[k] / self.scales[k] for k in self.models])
+        scaled = self.scaled(distances)
         if self.combine == "mean":
             return scaled.mean(0).float()
         score = scaled.clamp_min(FLOOR).log().mean(0).exp()
@@ -260,7 +264,7 @@ def fit_ood(
     distances = {k: models[k].distance(val[k]) for k in names}
     scales = {k: float(d.median()) + 1e-12 for k, d in distances.items()}
     model = OODModel(feature, models, scales, float("inf"), quantile, {})
-    largest = torch.stack([distances[k] / scales[k] for k in names]).max(0).values
+    largest = model.scaled(distances).max(0).values
     anchor = torch.quantile(model.combine_distances(distances).double(), quantile)
     model.extreme = (float(torch.quantile(largest, EXTREME)), float(anchor))
     val_scores = model.combine_distances(distances)
