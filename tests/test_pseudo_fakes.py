@@ -116,3 +116,75 @@ def test_detail_energy_script_measures_each_folder(image_folder, tmp_path):
     assert float(npr_fake) > 2 * float(npr_real) and float(lap_fake) > 2 * float(lap_real)
     missing = run_script("scripts/detail_energy.py", str(tmp_path / "nope"), cwd=tmp_path)
     assert missing.returncode == 2 and f"{tmp_path / 'nope'}: not a folder" in missing.stderr
+
+
+def test_family_experts_script_scores_each_expert_and_their_minimum(image_folder, tmp_path):
+    """scripts/family_experts.py: two experts trained on the checkerboard set, each and their
+    standardised minimum rank the test split's REAL images above its FAKE ones; bad input is
+    one error line naming the folder or file."""
+    common = [
+        "--test",
+        str(image_folder / "test"),
+        "--calibrate",
+        str(image_folder / "test" / "REAL"),
+    ]
+    args = ["--expert", f"a={image_folder}", "--expert", f"b={image_folder},{image_folder}"]
+    done = run_script(
+        "scripts/family_experts.py", *args, *common, "--steps", "60", "--batch", "16", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert "expert a: 48 images of 1 sources" in done.stdout
+    assert "expert b: 96 images of 2 sources" in done.stdout
+    rows = {
+        line.split()[1]: line.split()[2:]
+        for line in done.stdout.splitlines()
+        if line.startswith(str(image_folder))
+    }
+    assert set(rows) == {"a", "b", "min"}
+    for auroc, acc in rows.values():
+        assert float(auroc) > 0.9 and 0.0 <= float(acc) <= 1.0
+
+    missing = run_script(
+        "scripts/family_experts.py", "--expert", f"a={tmp_path / 'nope'}", *common, cwd=tmp_path
+    )
+    assert (
+        missing.returncode == 2
+        and f"{tmp_path / 'nope' / 'train' / 'FAKE'}: not a folder" in missing.stderr
+    )
+    wrong_size = run_script(
+        "scripts/family_experts.py", *args, *common, "--size", "16", cwd=tmp_path
+    )
+    assert wrong_size.returncode == 2 and "32x32, not 16x16 (--size)" in wrong_size.stderr
+    malformed = run_script(
+        "scripts/family_experts.py", "--expert", "nonsense", *common, cwd=tmp_path
+    )
+    assert (
+        malformed.returncode == 2 and "--expert 'nonsense': expected NAME=ROOT" in malformed.stderr
+    )
+
+
+def test_family_experts_script_takes_a_trained_detector_as_an_expert(trained_run, tmp_path):
+    """--scores: predict.py's CSV of the shared test run's checkpoint is one more expert; a
+    file the CSV does not score is an error naming it."""
+    data = trained_run["data"]
+    scores = tmp_path / "scores.csv"
+    done = run_script(
+        "predict.py", f"ckpt={trained_run['ckpt']}", f"input={data / 'test'}", f"output={scores}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    common = ["--test", str(data / "test"), "--calibrate", str(data / "test" / "REAL")]
+    args = ["--expert", f"a={data}", "--scores", f"detector={scores}", "--steps", "30"]
+    done = run_script("scripts/family_experts.py", *args, *common, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[1]: line.split()[2:] for line in done.stdout.splitlines()[-3:]}
+    assert set(rows) == {"a", "detector", "min"}
+    assert float(rows["detector"][0]) > 0.9  # the trained run separates the checkerboard
+
+    wider = ["--test", str(data / "train"), "--calibrate", str(data / "test" / "REAL")]
+    missing = run_script("scripts/family_experts.py", *args, *wider, cwd=tmp_path)
+    assert missing.returncode == 2
+    assert (
+        f"--scores {scores}: no score for {(data / 'train' / 'FAKE' / '0000.jpg').resolve()}"
+        in (missing.stderr)
+    )
