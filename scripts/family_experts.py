@@ -82,10 +82,16 @@ class ScoreTable:
             raise ProbeError(f"--scores {path}: expected predict.py's columns path and prob_REAL")
         self.path = path
         self.logit = {}
-        for row in rows:
-            if row["prob_REAL"]:
+        for line, row in enumerate(rows, start=2):
+            if not row["prob_REAL"]:
+                continue  # an unreadable image's row: no score, so the lookup names it
+            try:
                 p = min(max(float(row["prob_REAL"]), 1e-7), 1 - 1e-7)
-                self.logit[Path(row["path"]).resolve()] = math.log(p / (1 - p))
+            except ValueError:
+                raise ProbeError(
+                    f"--scores {path}, line {line}: prob_REAL is not a number"
+                ) from None
+            self.logit[Path(row["path"]).resolve()] = math.log(p / (1 - p))
 
     def __call__(self, files: list[Path], images: torch.Tensor | None = None) -> torch.Tensor:
         missing = [f for f in files if f not in self.logit]
@@ -158,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         scorers = {}
         for text in args.scores:
             name, table = parse_expert(text, "--scores")
+            if name in experts or name in scorers:
+                raise ProbeError(f"--scores {text!r}: the name {name!r} is taken")
             scorers[name] = ScoreTable(table[0])
             for _, _, files in tests.values():
                 scorers[name](files)  # every test file scored, or the error now

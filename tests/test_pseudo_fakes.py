@@ -188,3 +188,15 @@ def test_family_experts_script_takes_a_trained_detector_as_an_expert(trained_run
         f"--scores {scores}: no score for {(data / 'train' / 'FAKE' / '0000.jpg').resolve()}"
         in (missing.stderr)
     )
+    lines = scores.read_text().splitlines()
+    header, first = lines[0].split(","), lines[1].split(",")
+    first[header.index("prob_REAL")] = "high"
+    broken = tmp_path / "broken.csv"
+    broken.write_text("\n".join([lines[0], ",".join(first), *lines[2:]]) + "\n")
+    bad = ["--expert", f"a={data}", "--scores", f"detector={broken}", "--steps", "1"]
+    bad_value = run_script("scripts/family_experts.py", *bad, *common, cwd=tmp_path)
+    assert bad_value.returncode == 2
+    assert f"--scores {broken}, line 2: prob_REAL is not a number" in bad_value.stderr
+    taken = ["--expert", f"a={data}", "--scores", f"a={scores}", "--steps", "1"]
+    same_name = run_script("scripts/family_experts.py", *taken, *common, cwd=tmp_path)
+    assert same_name.returncode == 2 and "the name 'a' is taken" in same_name.stderr
