@@ -137,13 +137,12 @@ def test_ema_callback_averages_with_one_fused_update_per_step():
     assert torch.allclose(weight, 0.9 * start["0.weight"] + 0.1 * (start["0.weight"] + 1.0))
 
 
-def test_general_cpu_trains_on_cifake_and_seven_zoo_members(image_folder, tmp_path):
-    """experiment=general_cpu: cifake_cpu with the zoo's members but blgan (added after the
-    recipe was measured; it did not help, docs/zoo.md) as further training sources
-    (paths.zoo_dir), the image beside its NPR residual and 12 epochs; each source gets its own
-    validation numbers."""
-    members = [m.name for m in MEMBERS if m.name != "blgan"]
-    assert len(members) == 7 and {"dcgan", "nngan"} <= set(members)
+def test_general_cpu_trains_on_cifake_and_the_zoo_with_a_gan_expert(image_folder, tmp_path):
+    """experiment=general_cpu: cifake_cpu with every zoo member as a further training source
+    (paths.zoo_dir), the image beside its NPR residual, 12 epochs, and after training the
+    expert of the three GANs (expert=gans); each source gets its own validation numbers."""
+    members = [m.name for m in MEMBERS]
+    assert len(members) == 8 and {"dcgan", "nngan", "blgan"} <= set(members)
     zoo = tmp_path / "zoo"
     for i, name in enumerate(members):
         make_image_folder(zoo / name, n_train=6, n_test=2, seed=10 + i)
@@ -155,6 +154,7 @@ def test_general_cpu_trains_on_cifake_and_seven_zoo_members(image_folder, tmp_pa
         "cifake": f"{image_folder}/train",
         **{name: f"{zoo}/{name}/train" for name in members},
     }
+    assert list(cfg.expert.sources) == ["dcgan", "nngan", "blgan"]
     tiny = [*TINY, "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1"]
     metrics = train(compose_config("train", tmp_path / "b", [*overrides, *tiny]))
     for source in ("cifake", *members):
@@ -164,3 +164,6 @@ def test_general_cpu_trains_on_cifake_and_seven_zoo_members(image_folder, tmp_pa
     weights = module["state_dict"].items()
     stem = next(v for k, v in weights if "backbone" in k and v.ndim == 4)  # the first conv
     assert stem.shape[1] == 6  # RGB and its residual
+    assert module["family_expert"]["sources"] == ["dcgan", "nngan", "blgan"]
+    assert module["family_expert"]["train_images"] == 3 * 2 * 5  # 5 of 6 per class train
+    assert any(k.startswith("net.expert.") for k in module["state_dict"])

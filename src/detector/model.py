@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from detector.errors import ConfigError
+from detector.family_expert import FamilyExpert
 from detector.matmul_conv import set_matmul_convs
 from detector.weights import create_backbone
 
@@ -88,6 +89,9 @@ class SEClassifier(nn.Module):
     same image, so their mean is a less noisy score, for twice the inference compute
     (measured in docs/results.md). Living in ``forward``, it reaches eval, predict, export
     and explain alike.
+
+    ``family_expert``: a small second network for one family of generators
+    (:mod:`detector.family_expert`); outside training the logit is the minimum of both.
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class SEClassifier(nn.Module):
         matmul_convs: bool = True,
         drop_path_rate: float = 0.0,
         input_filter: str = "none",
+        family_expert: bool = False,
     ) -> None:
         super().__init__()
         if input_filter not in INPUT_FILTERS:
@@ -127,6 +132,8 @@ class SEClassifier(nn.Module):
             f["module"] for f in self.backbone.feature_info if f["reduction"] in (4, 8)
         ]
         self.se = SqueezeExcitation(channels, se_reduction) if se_reduction else nn.Identity()
+        # fitted after training (detector.tasks.expert); until then it changes no logit
+        self.expert = FamilyExpert() if family_expert else None
         self.head = nn.Sequential(
             nn.Linear(channels, hidden_dim),
             nn.ReLU(inplace=True),
@@ -159,8 +166,16 @@ class SEClassifier(nn.Module):
         """Logits of shape (N,): sigmoid gives the probability of class index 1."""
         if self.flip_average and not self.training:
             # One pass over both (bigger kernels); view(2, -1) keeps any batch size traceable.
-            return self._logits(torch.cat([x, x.flip(-1)])).view(2, -1).mean(0)
-        return self._logits(x)
+            return self._with_expert(
+                self._logits(torch.cat([x, x.flip(-1)])).view(2, -1).mean(0), x
+            )
+        return self._with_expert(self._logits(x), x)
+
+    def _with_expert(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Outside training, the minimum with the family expert's logit, when there is one."""
+        if self.expert is None or self.training:
+            return logits
+        return self.expert.combine(logits, self.normalize(x))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x).mean(dim=(2, 3))).squeeze(1)
@@ -192,7 +207,7 @@ class SEClassifier(nn.Module):
         parts = (logits, pooled, hidden, stages)
         if both:
             parts = tuple(t.view(2, len(x), *t.shape[1:]).mean(0) for t in parts)
-        return Embedding(*parts)
+        return Embedding(self._with_expert(parts[0], x), *parts[1:])
 
 
 # The network's own settings, as checkpoints store them among the module's hyper-parameters.

@@ -10,6 +10,7 @@ datasets come from :func:`detector.data.cache.make_dataset` (batched fetching, o
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -116,9 +117,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise ConfigError("set data.train_dirs (several sources) or data.train_dir, not both")
         # Several sources: [(name, folder)]; validation then also logs val/<name>/... per source.
         self.sources = name_sources(train_dirs) if train_dirs else []
-        if self.sources:
-            self.train_dir = self.sources[0][1]
-        elif source_weights is not None:
+        self.train_dir = self.sources[0][1] if self.sources else self.train_dir
+        if source_weights is not None and not self.sources:
             raise ConfigError("data.source_weights weighs the sources of data.train_dirs: set both")
         self.source_weights = check_source_weights(source_weights, [n for n, _ in self.sources])
         self.train_source_index: list[int] = []  # per training sample (several sources only)
@@ -141,9 +141,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.max_pixels = max_pixels
         self.min_size = min_size
         self.scan_workers = scan_workers
-        # Loaders decode at decode_size and the model's device resizes batches to image_size
-        # (detector.data.preprocess); cache: a memory-mapped array of decoded images
-        # (detector.data.cache).
+        # Loaders decode at decode_size, the model's device resizes to image_size
+        # (detector.data.preprocess); cache: decoded images memory-mapped (detector.data.cache)
         self.decode_size = decode_size or image_size
         self.shift = shift
         check_pseudo_fakes(pseudo_fake_prob, pseudo_fake_jpeg)
@@ -186,8 +185,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     def check_layout(self, stage: str | None = None) -> list[str]:
         """Folder mistakes, each named, before any image is opened: a missing root, train/ or
         test/, a missing or third class folder, classes that differ between train and test (also
-        only in case). ``stage="test"`` checks the test folder alone (eval needs no train/).
-        Returns the class names."""
+        only in case); the class names. ``stage="test"``: the test folder alone (for eval)."""
         return check_layout(self, stage)
 
     def _is_global_zero(self) -> bool:
@@ -237,8 +235,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         return result
 
     def prepare_data(self) -> None:
-        """Warm the scan cache once per node, so that every rank's ``setup`` only reads it.
-        (Nothing to do without a trainer: ``setup`` alone scans what it needs.)"""
+        """Warm the scan cache once per node, so that every rank's ``setup`` only reads it
+        (without a trainer, ``setup`` alone scans what it needs)."""
         if self.trainer is None:
             return
         for folder in (*(f for _, f in self.train_sources), self.test_dir):
@@ -388,10 +386,12 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.val_set, f"the validation split of {self.train_dir} (data.val_fraction)"
         )
 
-    def features_dataloader(self) -> DataLoader:
-        """The training split once, in order and without augmentation, sharded like validation:
-        what the out-of-domain model is fitted on (:mod:`detector.evaluation.ood`)."""
-        dataset = self._dataset(self.train_set.samples, self.train_dir)
+    def features_dataloader(self, rows: Sequence[int] | None = None) -> DataLoader:
+        """The training split (or its ``rows``) once, in order, without augmentation, sharded like
+        validation: what the out-of-domain model and the family expert are fitted on."""
+        everything = self.train_set.samples
+        samples = everything if rows is None else [everything[i] for i in rows]
+        dataset = self._dataset(samples, self.train_dir)
         return self._eval_loader(dataset, f"the training split of {self.train_dir}")
 
     def test_dataloader(self) -> DataLoader:

@@ -28,6 +28,7 @@ from detector.evaluation.report import (
 from detector.evaluation.results import write_test_report
 from detector.evaluation.robustness import robustness_spec, run_robustness
 from detector.module import DetectorModule
+from detector.tasks.expert import refit_expert
 from detector.tasks.ood import ood_reference, ood_separation, refit_ood
 from detector.tasks.trainer import build_loggers, build_trainer
 
@@ -149,9 +150,7 @@ def _tensorboard(cfg: DictConfig) -> tuple[list, list]:
 
 def evaluate(cfg: DictConfig) -> dict:
     """Test a checkpoint on one device on one or more test sets (and, with ``robustness``,
-    under degradations); print and write the reports, tables, figures and predictions.
-
-    Returns the first set's report (``accuracy``, ``auroc``, ... at top level) with ``table``
+    under degradations); print and write the reports, tables, figures and predictions. Returns the first set's report (``accuracy``, ``auroc``, ... at top level) with ``table``
     (one row per set, plus the pooled "all" row) and ``sets`` / ``robustness`` when present.
     """
     if cfg.get("ckpt"):
@@ -163,7 +162,8 @@ def evaluate(cfg: DictConfig) -> dict:
     sets = _test_sets(cfg, model)
     reference = ood_reference(cfg, [name for name, _ in sets])
     trainer = build_trainer(cfg, output_dir, devices=1, num_nodes=1, strategy="auto", logger=False)
-    refit_ood(cfg, data_config(cfg, model)[0], model, trainer, output_dir)
+    for refit in (refit_expert, refit_ood):  # onto a checkpoint, when asked: new files
+        refit(cfg, data_config(cfg, model)[0], model, trainer, output_dir)
     loggers, writers = _tensorboard(cfg)
     several = len(sets) > 1
     reports, results, ood_scores = {}, {}, {}

@@ -38,6 +38,7 @@ from detector.evaluation.per_source import source_rows, write_source_table
 from detector.evaluation.report import write_csv
 from detector.evaluation.results import write_test_report
 from detector.module import DetectorModule
+from detector.tasks.expert import expert_settings, fit_expert_after_training
 from detector.tasks.trainer import build_trainer
 from detector.weights import check_backbone
 
@@ -51,6 +52,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_backbone(cfg.model.backbone)  # before the data scan, which can take a while
     if cfg.get("ood"):  # fitted after training: a typo must not cost the run
         check_ood_settings(str(cfg.ood.get("feature")), float(cfg.ood.get("quantile", 0.95)))
+    expert = expert_settings(cfg.get("expert"))  # fitted after training: checked now
     if cfg.get("ckpt_path") and cfg.get("init_ckpt"):
         raise ConfigError("ckpt_path resumes a run and init_ckpt starts a new one: set one")
     resume = _resume_from(cfg)
@@ -60,7 +62,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule: ImageFolderDataModule = hydra.utils.instantiate(cfg.data)
     if isinstance(datamodule, ImageFolderDataModule):
         datamodule.check_layout()  # folder mistakes before the model is even built
-    model: DetectorModule = hydra.utils.instantiate(cfg.model)
+    model: DetectorModule = hydra.utils.instantiate(cfg.model, family_expert=expert is not None)
     if resume is not None:
         check_resume_checkpoint(resume, model)
     elif cfg.get("init_ckpt"):
@@ -79,6 +81,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         rank_zero_only(log.warning)("training was interrupted; last checkpoint: %s", best)
         return metrics
 
+    if best and expert is not None:
+        fit_expert_after_training(trainer, model, datamodule, Path(best), expert)
     if best and cfg.get("ood") and hasattr(datamodule, "features_dataloader"):
         _fit_ood(trainer, model, datamodule, Path(best), cfg.ood)
 
