@@ -19,7 +19,8 @@ expert at logit 0, the combination at -1) of every expert and of the combination
 ``--scores NAME=CSV`` adds a trained detector as one more expert: the ``prob_REAL`` column of
 ``python predict.py ckpt=... input=FOLDER`` run over every ``--test`` and ``--calibrate``
 folder (matched by the files' resolved paths; a file missing from the CSV is an error).
-A research probe, not a detector: nothing is saved.
+A research probe, not a detector: nothing is saved (the product's version, fitted after
+training and stored in the checkpoint, is ``expert=gans``: detector.family_expert).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from torch import nn
 from torchmetrics.functional.classification import binary_auroc
 
 from detector.data.decode import IMAGE_EXTENSIONS, open_image, to_rgb
+from detector.family_expert import small_cnn
 
 CLASSES = ("FAKE", "REAL")  # label 0 / 1, as everywhere in the project
 
@@ -100,18 +102,6 @@ class ScoreTable:
                 f"--scores {self.path}: no score for {missing[0]} ({len(missing)} files)"
             )
         return torch.tensor([self.logit[f] for f in files])
-
-
-def small_cnn(width: int = 32) -> nn.Sequential:
-    def block(c_in: int, c_out: int) -> list[nn.Module]:
-        return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
-
-    return nn.Sequential(
-        *block(3, width), *block(width, width), nn.MaxPool2d(2),
-        *block(width, 2 * width), nn.MaxPool2d(2),
-        *block(2 * width, 2 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(2 * width, 1),
-    )  # fmt: skip
 
 
 def train_expert(

@@ -4,6 +4,9 @@ checkpoint by eval.py."""
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 import torch
 
@@ -11,7 +14,7 @@ from detector.checkpoint import load_checkpoint, load_checkpoint_file
 from detector.errors import ConfigError
 from detector.family_expert import NEVER, FamilyExpert
 from detector.tasks.expert import expert_settings
-from tests.conftest import TINY, compose_config, make_image_folder, run_script
+from tests.conftest import ROOT, TINY, compose_config, make_image_folder, run_script
 
 
 def test_an_unfitted_expert_changes_no_logit_and_a_fitted_one_is_the_minimum():
@@ -96,6 +99,18 @@ def test_training_fits_the_expert_into_the_best_checkpoint(family, tmp_path):
         embedded = model.net.embed(x).logits
     assert torch.allclose(both, torch.minimum(detector, expert))
     assert torch.allclose(embedded, both, atol=1e-5)
+    # the scoring path of predict.py, the API and the service (no Lightning) reads it too
+    from detector.api import Detector
+
+    scorer = Detector.from_checkpoint(best)
+    pixels = (x * 255).round().to(torch.uint8)
+    with torch.no_grad():
+        expected = torch.sigmoid(model.net(pixels))
+    assert torch.allclose(scorer.score_with_ood(pixels)[0], expected, atol=1e-5)
+    assert scorer.threshold == pytest.approx(checkpoint["hyper_parameters"]["threshold"])
+    from detector.serve.card import model_card  # the service's GET /info says it is there
+
+    assert "family of generators" in model_card(scorer, best, {})["family_expert"]["meaning"]
 
 
 def test_a_source_list_that_matches_no_training_source_leaves_the_model_as_it_is(
@@ -126,5 +141,42 @@ def test_eval_fits_an_expert_onto_an_older_checkpoint(family, trained_run, tmp_p
     assert "family expert on gan (26 images)" in done.stdout
     fitted = tmp_path / "checkpoint-expert.ckpt"
     assert trained_run["ckpt"].read_bytes() == original
+    # what was evaluated is the checkpoint with the expert, and the report says so
+    assert json.loads((tmp_path / "metrics.json").read_text())["ckpt"] == str(fitted)
     model = load_checkpoint(fitted)
     assert model.hparams.family_expert and model.net.expert.fitted
+
+
+def test_ddp_ranks_fit_the_expert_a_single_device_fits(family, tmp_path):
+    """``trainer=ddp_cpu`` with two ranks: every family image once (gathered in dataset order,
+    none padded), rank 0's expert kept, calibrated on every rank's validation logits: the
+    stored map equals a one-device fit with the same detector weights."""
+    import lightning as L
+
+    from detector.data.datamodule import ImageFolderDataModule
+    from detector.tasks.expert import fit_expert_on_data
+    from tests.test_ddp import clean_env, launch, the_run
+
+    common = [*TINY, "data=imagefolder", _train_dirs(family), "data.val_fraction=0.23",
+              "test=false", "expert=gans", "expert.sources=[gan]", "expert.steps=15",
+              "expert.batch_size=8", "ood=null"]  # fmt: skip
+    command = [sys.executable, str(ROOT / "train.py"), "trainer=ddp_cpu", *common]
+    code, _, err = launch(command, tmp_path, tty=False, env=clean_env())
+    assert code == 0, err[-3000:]
+    (best,) = (the_run(tmp_path) / "checkpoints").glob("epoch*.ckpt")
+    stored = load_checkpoint_file(best)["family_expert"]
+    assert stored["train_images"] == 25  # 32 images, 7 of them to validation; each once
+
+    model = load_checkpoint(best)
+    dirs = {name: str(folder / "train") for name, folder in family.items()}
+    dm = ImageFolderDataModule(train_dirs=dirs, val_fraction=0.23, image_size=32, batch_size=8,
+                               num_workers=0)  # fmt: skip
+    dm.setup("fit")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    settings = expert_settings({"sources": ["gan"], "steps": 15, "batch_size": 8})
+    alone = fit_expert_on_data(model, dm, trainer, settings)
+    assert alone["train_images"] == stored["train_images"]
+    for key in ("scale", "shift", "val_auroc_before", "val_auroc_after"):
+        # the ranks run fewer threads than one process: float sums in another order, which 15
+        # Adam steps carry on; a wrong image set or a rank-local calibration is far off this
+        assert stored[key] == pytest.approx(alone[key], rel=1e-2, abs=1e-3), key

@@ -324,6 +324,7 @@ def test_info_is_the_model_card(service, trained_run):
     assert card["threshold_fit"]["rule"] == "balanced_accuracy"
     assert card["threshold_fit"]["split"] == "val"
     assert card["out_of_domain"]["threshold"] == pytest.approx(saved["ood"]["threshold"])
+    assert card["family_expert"] is None  # this checkpoint has none (tests/test_family_expert.py)
     assert card["training"]["backbone"] == "test_resnet"
     assert card["training"]["date"].startswith(time.strftime("%Y-", time.gmtime()))
     assert card["service"]["max_files"] == 8

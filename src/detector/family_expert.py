@@ -48,7 +48,9 @@ class FamilyExpert(nn.Module):
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
-        self.net = small_cnn(width)
+        # Frozen while the detector trains (DDP refuses parameters without gradients); only
+        # train_expert unfreezes it.
+        self.net = small_cnn(width).requires_grad_(False)
         self.register_buffer("scale", torch.zeros(()))
         self.register_buffer("shift", torch.tensor(NEVER))
 
@@ -107,11 +109,17 @@ def train_expert(
     settings: ExpertSettings,
     normalize,
 ) -> float:
-    """Adam, random horizontal flips, batches drawn with replacement from a seeded generator
-    (the same weights on every rank that holds the same images). Returns the last loss."""
+    """From fresh weights: Adam, random horizontal flips, batches drawn with replacement, all
+    from ``settings.seed`` (the same weights on every rank that holds the same images, and
+    when fitted again onto the same detector). Returns the last loss."""
     device = expert.shift.device
+    with torch.random.fork_rng(devices=[]):  # fresh weights from the seed alone, every fit
+        torch.manual_seed(settings.seed)
+        for module in expert.net.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
     gen = torch.Generator().manual_seed(settings.seed)
-    optimizer = torch.optim.Adam(expert.net.parameters(), lr=settings.lr)
+    optimizer = torch.optim.Adam(expert.net.requires_grad_(True).parameters(), lr=settings.lr)
     expert.train()
     loss = torch.zeros(())
     with torch.enable_grad():
@@ -126,5 +134,5 @@ def train_expert(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    expert.eval()
+    expert.eval().net.requires_grad_(False)
     return float(loss.detach())

@@ -72,6 +72,12 @@ def model_card(detector: Detector, ckpt: str | Path, service: dict[str, Any]) ->
             "quantile": ood.quantile,
             "meaning": "in_domain=false: unlike the training data, the label is unreliable",
         },
+        "family_expert": None
+        if getattr(detector.net, "expert", None) is None or not detector.net.expert.fitted
+        else {
+            "meaning": "a second network for one family of generators (docs/zoo.md); the "
+            "probability is from the lower of its logit and the detector's"
+        },  # fmt: skip
         "training": {
             "data_folders": training_folders(ckpt),
             "date": written.strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -150,9 +150,9 @@ def _tensorboard(cfg: DictConfig) -> tuple[list, list]:
 
 def evaluate(cfg: DictConfig) -> dict:
     """Test a checkpoint on one device on one or more test sets (and, with ``robustness``,
-    under degradations); print and write the reports, tables, figures and predictions. Returns the first set's report (``accuracy``, ``auroc``, ... at top level) with ``table``
-    (one row per set, plus the pooled "all" row) and ``sets`` / ``robustness`` when present.
-    """
+    under degradations); print and write the reports, tables, figures and predictions.
+    Returns the first set's report (``accuracy``, ``auroc``, ... at top level) with ``table``
+    (one row per set, plus the pooled "all" row) and ``sets`` / ``robustness`` when present."""
     if cfg.get("ckpt"):
         print(f"loading the model from {cfg.ckpt} ...", flush=True)
     model = load_checkpoint(cfg.get("ckpt"))

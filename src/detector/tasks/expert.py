@@ -10,7 +10,7 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torchmetrics.functional.classification import binary_auroc
 
 from detector.checkpoint import AtomicCheckpointIO, load_checkpoint_file
@@ -181,3 +181,5 @@ def refit_expert(
     checkpoint = store_expert(load_checkpoint_file(cfg.ckpt), model, info)
     AtomicCheckpointIO().save_checkpoint(checkpoint, path)
     print(f"{describe(info)}; saved with the weights in {path}; {cfg.ckpt} is unchanged")
+    with open_dict(cfg):  # what is evaluated from here on (and what ood.refit adds to)
+        cfg.ckpt = str(path)
