@@ -54,11 +54,10 @@ def test_bad_expert_settings_are_named(spec, message):
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
+    """Two training sources: "photos" and "gan", the expert's family (16 + 16 images each)."""
     base = tmp_path_factory.mktemp("family")
-    return {
-        "photos": make_image_folder(base / "photos", n_train=16, n_test=6, seed=1),
-        "gan": make_image_folder(base / "gan", n_train=16, n_test=6, seed=2),
-    }
+    seeds = {"photos": 1, "gan": 2}
+    return {name: make_image_folder(base / name, 16, 6, seed=s) for name, s in seeds.items()}
 
 
 def _train_dirs(family) -> str:
