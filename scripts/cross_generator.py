@@ -215,6 +215,12 @@ def main(argv: list[str] | None = None) -> dict:
     always = parse_always(args.always, sources, args.mode)
     if args.held_out_only and args.mode != "leave-one-out":
         raise ConfigError("--held-out-only applies to --mode leave-one-out only")
+    if any(o.split("=")[0].lstrip("+~") in ("ckpt_path", "init_ckpt") for o in args.overrides):
+        # ckpt_path=last would resume the newest run of logs/train, another run altogether
+        raise ConfigError(
+            "ckpt_path / init_ckpt: the protocol trains its own models; rerun the same command "
+            "without it (finished models are kept, an interrupted one starts again)"
+        )
     out = args.out or Path("logs/cross") / "_".join(s.name for s in sources)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "command.txt", command + "\n")

@@ -185,3 +185,14 @@ def test_leave_one_out_held_out_only_tests_the_left_out_and_always_sources(two_s
     wrong = run_script(SCRIPT, "--sources", sources, "--held-out-only", cwd=tmp_path)
     assert wrong.returncode == 2
     assert "error: --held-out-only applies to --mode leave-one-out only" in wrong.stderr
+
+
+def test_a_resume_override_is_refused_before_any_training(two_sources, tmp_path):
+    """ckpt_path=last (what an interrupted train prints) would resume the newest run of
+    logs/train, not the protocol's model: refused, with what to do instead."""
+    args = ["--sources", ",".join(f"{n}={f}" for n, f in two_sources.items()),
+            "--out", str(tmp_path / "cross"), *TINY, "ckpt_path=last"]  # fmt: skip
+    refused = run_script(SCRIPT, *args, cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "rerun the same command without it" in refused.stderr
+    assert not (tmp_path / "cross" / "models").exists()
