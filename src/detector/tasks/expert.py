@@ -95,8 +95,8 @@ def fit_expert_on_data(
     info = expert.calibrate(detector[real], raw[real], settings.quantile, settings.margin)
     combined = torch.minimum(detector, raw * info["scale"] + info["shift"])
     positive = model.hparams.positive_class
-    auroc = [float(binary_auroc(s if positive else -s, targets.long() if positive else 1 - targets))
-             for s in (detector, combined)]  # fmt: skip
+    # the same number whichever class is positive: AUROC(-s, 1 - y) = AUROC(s, y)
+    auroc = [float(binary_auroc(s, targets.long())) for s in (detector, combined)]
     if model.hparams.threshold_rule != "fixed":
         threshold, fit = fit_threshold(
             torch.sigmoid(combined), targets, model.hparams.threshold_rule, positive,
