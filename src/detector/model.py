@@ -166,10 +166,10 @@ class SEClassifier(nn.Module):
         """Logits of shape (N,): sigmoid gives the probability of class index 1."""
         if self.flip_average and not self.training:
             # One pass over both (bigger kernels); view(2, -1) keeps any batch size traceable.
-            return self._with_expert(
-                self._logits(torch.cat([x, x.flip(-1)])).view(2, -1).mean(0), x
-            )
-        return self._with_expert(self._logits(x), x)
+            logits = self._logits(torch.cat([x, x.flip(-1)])).view(2, -1).mean(0)
+        else:
+            logits = self._logits(x)
+        return self._with_expert(logits, x)
 
     def _with_expert(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Outside training, the minimum with the family expert's logit, when there is one."""

@@ -162,8 +162,9 @@ def evaluate(cfg: DictConfig) -> dict:
     sets = _test_sets(cfg, model)
     reference = ood_reference(cfg, [name for name, _ in sets])
     trainer = build_trainer(cfg, output_dir, devices=1, num_nodes=1, strategy="auto", logger=False)
+    sets_data = data_config(cfg, model)[0]
     for refit in (refit_expert, refit_ood):  # onto a checkpoint, when asked: new files
-        refit(cfg, data_config(cfg, model)[0], model, trainer, output_dir)
+        refit(cfg, sets_data, model, trainer, output_dir)
     loggers, writers = _tensorboard(cfg)
     several = len(sets) > 1
     reports, results, ood_scores = {}, {}, {}
