@@ -15,9 +15,9 @@ on the source it never saw and the ``--always`` ones, and matrix.md's "Left out"
 held_out.json give each left-out source's numbers with their mean and worst AUROC.
 Overrides go to every training run; those of ``trainer.*``, ``paths.*``, ``data.batch_size``
 and ``data.num_workers`` to every evaluation too, and ``--eval`` adds evaluation-only ones.
-Resumable: a model whose ``models/<row>/done.json`` exists is not trained again, a cell whose
-``cells/<row>__<test>.json`` exists is not evaluated again; rerun the same command after an
-interruption.
+Resumable: a model whose ``models/<row>/done.json`` exists is not trained again, an interrupted
+one continues from its ``last.ckpt``, a cell whose ``cells/<row>__<test>.json`` exists is not
+evaluated again; rerun the same command after an interruption.
 """
 
 from __future__ import annotations
@@ -148,29 +148,37 @@ def plan_rows(
     return rows
 
 
-def train_row(row: Row, overrides: list[str], out: Path) -> str:
-    """The row's best checkpoint, trained unless ``models/<row>/done.json`` says it was."""
+def train_row(row: Row, overrides: list[str], out: Path, command: str) -> str:
+    """The row's best checkpoint, trained unless ``models/<row>/done.json`` says it was. An
+    interrupted model resumes from its ``last.ckpt`` (written after every epoch and on Ctrl-C /
+    SIGTERM), so a rerun of ``command`` loses at most the epoch under way."""
     folder = out / "models" / row.name
     done = folder / "done.json"
     if done.is_file():
         return json.loads(done.read_text())["best"]
-    if folder.exists():  # an interrupted run: start the model again
+    last = folder / "checkpoints" / "last.ckpt"
+    if folder.exists() and not last.is_file():  # stopped before its first epoch ended
         shutil.rmtree(folder)
     cfg = compose_config("train", [*row.overrides, "test=false", *overrides], folder)
     with open_dict(cfg):
         for key, value in row.settings.items():
             cfg.data[key] = value
-    print(f"cross: train {row.name} on {', '.join(row.seen)}", flush=True)
+        cfg.resume_command = command  # what SaveOnInterrupt prints: this script, not train.py
+        if last.is_file():
+            cfg.ckpt_path = str(last)
+    resumed = f" (resuming {last})" if last.is_file() else ""
+    print(f"cross: train {row.name} on {', '.join(row.seen)}{resumed}", flush=True)
     start = time.perf_counter()
     metrics = train(cfg)
     seconds = time.perf_counter() - start
     best = metrics.get("best_model_path")
     if not best:
         raise SystemExit(f"error: training {row.name} wrote no checkpoint (see {folder})")
-    last = metrics.get("val/auroc")
-    info = {"best": best, "seconds": round(seconds, 1), "last_val_auroc": last}
+    auroc = metrics.get("val/auroc")  # none when the resumed run had no epoch left to train
+    info = {"best": best, "seconds": round(seconds, 1), "last_val_auroc": auroc}
     atomic_write_text(done, json.dumps(info, indent=2) + "\n")
-    print(f"cross: train {row.name}: {seconds:.0f} s, last val AUROC {last:.4f}", flush=True)
+    shown = "no epoch left" if auroc is None else f"last val AUROC {auroc:.4f}"
+    print(f"cross: train {row.name}: {seconds:.0f} s, {shown}", flush=True)
     return best
 
 
@@ -219,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
         # ckpt_path=last would resume the newest run of logs/train, another run altogether
         raise ConfigError(
             "ckpt_path / init_ckpt: the protocol trains its own models; rerun the same command "
-            "without it (finished models are kept, an interrupted one starts again)"
+            "without it (finished models are kept, an interrupted one resumes from its "
+            "last.ckpt)"
         )
     out = args.out or Path("logs/cross") / "_".join(s.name for s in sources)
     out.mkdir(parents=True, exist_ok=True)
@@ -231,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
         tests = [s for s in sources if s.name in always or s.name not in row.seen]
         tests = tests if args.held_out_only else sources
         done = all((out / "cells" / f"{row.name}__{t.name}.json").is_file() for t in tests)
-        ckpt = "" if done else train_row(row, args.overrides, out)
+        ckpt = "" if done else train_row(row, args.overrides, out, command)
         for test in tests:
             cells[(row.name, test.name)] = eval_cell(row, test, ckpt, eval_overrides, out)
     seen = {row.name: row.seen for row in rows}

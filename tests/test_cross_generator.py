@@ -81,6 +81,19 @@ def test_matrix_is_written_and_resumed_cell_by_cell(two_sources, tmp_path):
     assert third.stdout.count("cross: eval") == 1 and "cross: eval b -> a" in third.stdout
     assert (out / "matrix.md").read_text() == md
 
+    # a model stopped after its last epoch (before done.json): resumed from its last.ckpt, not
+    # trained from scratch; the same weights give the same cell
+    last = out / "models" / "b" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    (out / "models" / "b" / "done.json").unlink()
+    (out / "cells" / "b__a.json").unlink()
+    fourth = run_script(SCRIPT, *args, cwd=tmp_path)
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert f"cross: train b on b (resuming {last})" in fourth.stdout
+    assert "cross: train a" not in fourth.stdout
+    cell = json.loads((out / "cells" / "b__a.json").read_text())
+    assert cell["auroc"] == pytest.approx(float(rows[2]["auroc"]), abs=1e-4)
+
 
 def test_leave_one_out_trains_on_the_other_sources(two_sources, tmp_path):
     module = _script()
@@ -196,3 +209,33 @@ def test_a_resume_override_is_refused_before_any_training(two_sources, tmp_path)
     assert refused.returncode == 2
     assert "rerun the same command without it" in refused.stderr
     assert not (tmp_path / "cross" / "models").exists()
+
+
+def test_an_interrupted_model_prints_the_protocol_command_to_resume(capsys, tmp_path):
+    """Ctrl-C inside the protocol: the resume line is the script's own command (which resumes
+    the model from its last.ckpt), not train.py's ckpt_path=last."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from detector.callbacks import SaveOnInterrupt
+
+    saved = []
+    trainer = SimpleNamespace(
+        is_global_zero=True,
+        state=SimpleNamespace(fn=TrainerFn.FITTING),
+        default_root_dir=str(tmp_path),
+        _checkpoint_connector=SimpleNamespace(dump_checkpoint=lambda weights_only: {"x": 1}),
+        strategy=SimpleNamespace(
+            checkpoint_io=SimpleNamespace(save_checkpoint=lambda c, p: saved.append(p))
+        ),
+        current_epoch=2,
+        max_epochs=12,
+        global_step=900,
+    )
+    command = "python scripts/cross_generator.py --sources a,b"
+    SaveOnInterrupt(resume_command=command).on_exception(trainer, None, KeyboardInterrupt())
+    err = capsys.readouterr().err
+    assert saved == [tmp_path / "checkpoints" / "last.ckpt"]
+    assert "in epoch 3/12 (step 900)" in err
+    assert err.rstrip().endswith(f"resume with: {command}") and "ckpt_path" not in err

@@ -263,7 +263,13 @@ class SaveOnInterrupt(L.Callback):
     kills the ranks it started; a rank whose parent dies anyway (kill -9) exits by itself.
     Rank 0 writes alone and waits for no other rank (one may already be gone); other errors
     (a NaN loss, a full disk) keep the last good checkpoint instead (:class:`FiniteLossGuard`).
+    ``resume_command``: what to print instead of this command with ``ckpt_path=last``, for a
+    script that trains through ``train(cfg)`` and resumes its own runs (the cross-generator
+    protocol: rerun it as it was).
     """
+
+    def __init__(self, resume_command: str | None = None) -> None:
+        self.resume_command = resume_command
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -289,8 +295,10 @@ class SaveOnInterrupt(L.Callback):
         except Exception as e:  # the previous last.ckpt (atomic writes) is still whole
             print(f"\ninterrupted: could not save {path} ({e})", file=sys.stderr, flush=True)
             return
-        args = [a for a in sys.argv[1:] if not a.startswith(("ckpt_path=", "hydra."))]
-        command = shlex.join(["python", Path(sys.argv[0]).name, *args, "ckpt_path=last"])
+        command = self.resume_command
+        if command is None:
+            args = [a for a in sys.argv[1:] if not a.startswith(("ckpt_path=", "hydra."))]
+            command = shlex.join(["python", Path(sys.argv[0]).name, *args, "ckpt_path=last"])
         print(
             f"\ninterrupted ({exception or 'Ctrl-C'}) in epoch {trainer.current_epoch + 1}/"
             f"{trainer.max_epochs} (step {trainer.global_step}): saved {path}\n"
@@ -331,6 +339,6 @@ class BestCheckpoint(ModelCheckpoint):
                 logger.after_save_checkpoint(self)
 
 
-def training_callbacks() -> list[L.Callback]:
+def training_callbacks(resume_command: str | None = None) -> list[L.Callback]:
     """Callbacks every training run gets, whatever conf/callbacks says."""
-    return [FiniteLossGuard(), ResumeRandomState(), SaveOnInterrupt()]
+    return [FiniteLossGuard(), ResumeRandomState(), SaveOnInterrupt(resume_command)]

@@ -20,8 +20,9 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -217,3 +218,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise CheckpointError(
                 f"could not save checkpoint {path} ({e.strerror or e}); {kept}"
             ) from None
+
+
+Fitted = TypeVar("Fitted")
+
+
+def fit_into_best_checkpoint(
+    trainer: Any,
+    model: torch.nn.Module,
+    best: Path,
+    what: str,
+    fit: Callable[[], Fitted],
+    store: Callable[[dict[str, Any], Fitted], dict[str, Any]],
+) -> Fitted | None:
+    """What is fitted after training (the family expert, the out-of-domain model) is fitted with
+    the best checkpoint's weights and kept in that file, so that the file scores as the run
+    tested it. Every rank fits (features are gathered across ranks); rank 0 writes atomically
+    and every rank waits for the file, which it tests next. A ``ValueError`` of ``fit`` (the
+    same on every rank, e.g. a split with one class) leaves the file as it was, with a warning.
+    """
+    from lightning.pytorch.utilities import rank_zero_only  # training only
+
+    checkpoint = load_checkpoint_file(best, setting="the best checkpoint")
+    model.load_state_dict(checkpoint["state_dict"])
+    try:
+        fitted = fit()
+    except ValueError as e:
+        rank_zero_only(log.warning)("%s not fitted (%s): %s scores without it", what, e, best)
+        return None
+    if trainer.is_global_zero:
+        AtomicCheckpointIO().save_checkpoint(store(checkpoint, fitted), best)
+    trainer.strategy.barrier()
+    return fitted

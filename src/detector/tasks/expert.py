@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torchmetrics.functional.classification import binary_auroc
 
-from detector.checkpoint import AtomicCheckpointIO, load_checkpoint_file
+from detector.checkpoint import AtomicCheckpointIO, fit_into_best_checkpoint, load_checkpoint_file
 from detector.distributed import gather_rows
 from detector.errors import ConfigError
 from detector.evaluation.metrics import fit_threshold
@@ -140,19 +140,17 @@ def store_expert(checkpoint: dict, model: DetectorModule, info: dict) -> dict:
 def fit_expert_after_training(
     trainer: L.Trainer, model: DetectorModule, datamodule, best: Path, settings: ExpertSettings
 ) -> None:
-    """Fit with the best checkpoint's weights and store the expert in that checkpoint (rank 0
-    writes, atomically; every rank waits for the file)."""
-    checkpoint = load_checkpoint_file(best, setting="the best checkpoint")
-    model.load_state_dict(checkpoint["state_dict"])
-    try:
-        info = fit_expert_on_data(model, datamodule, trainer, settings)
-    except ValueError as e:  # the same on every rank
-        rank_zero_only(log.warning)("family expert not fitted (%s): %s scores without it", e, best)
-        return
-    if trainer.is_global_zero:
-        AtomicCheckpointIO().save_checkpoint(store_expert(checkpoint, model, info), best)
-        log.info("%s; stored in %s", describe(info), best)
-    trainer.strategy.barrier()
+    """Fit with the best checkpoint's weights and store the expert in that checkpoint."""
+    info = fit_into_best_checkpoint(
+        trainer,
+        model,
+        best,
+        "family expert",
+        fit=lambda: fit_expert_on_data(model, datamodule, trainer, settings),
+        store=lambda checkpoint, info: store_expert(checkpoint, model, info),
+    )
+    if info is not None:
+        rank_zero_only(log.info)("%s; stored in %s", describe(info), best)
 
 
 def refit_expert(

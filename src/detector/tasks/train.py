@@ -17,9 +17,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detector.checkpoint import (
-    AtomicCheckpointIO,
     check_resume_checkpoint,
-    load_checkpoint_file,
+    fit_into_best_checkpoint,
     load_initial_weights,
     resolve_ckpt_path,
     run_folder_of,
@@ -33,7 +32,7 @@ from detector.distributed import (
     launch_rank,
 )
 from detector.errors import ConfigError
-from detector.evaluation.ood import check_ood_settings, fit_on_data
+from detector.evaluation.ood import OODModel, check_ood_settings, fit_on_data
 from detector.evaluation.per_source import source_rows, write_source_table
 from detector.evaluation.report import write_csv
 from detector.evaluation.results import write_test_report
@@ -109,36 +108,33 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def _fit_ood(
     trainer: L.Trainer, model: DetectorModule, datamodule, best: Path, settings: DictConfig
 ) -> None:
-    """Fit the out-of-domain model with the best checkpoint's weights and store it in that
-    checkpoint (rank 0 writes, atomically; every rank waits for the file before testing it)."""
-    checkpoint = load_checkpoint_file(best, setting="the best checkpoint")
-    model.load_state_dict(checkpoint["state_dict"])
+    """Fit the out-of-domain model with the best checkpoint's weights and store it there."""
     splits = (getattr(datamodule, "train_set", None), getattr(datamodule, "val_set", None))
     sizes = " + ".join(f"{len(s):,}" for s in splits if s is not None)
     rank_zero_only(log.info)("fitting the out-of-domain model on %s images ...", sizes)
-    try:
+
+    def fit() -> OODModel:
         model.ood = fit_on_data(
             model, datamodule, trainer, str(settings.feature), float(settings.quantile)
         )
-    except ValueError as e:  # e.g. a training split with one class: the same on every rank
-        rank_zero_only(log.warning)("out-of-domain model not fitted (%s): predictions of %s "
-                                    "will have no ood_score", e, best)  # fmt: skip
-        return
-    if trainer.is_global_zero:
-        checkpoint["ood"] = model.ood.state()
-        AtomicCheckpointIO().save_checkpoint(checkpoint, best)
-        info = model.ood.info
-        log.info(
+        return model.ood
+
+    def store(checkpoint: dict, ood: OODModel) -> dict:
+        checkpoint["ood"] = ood.state()
+        return checkpoint
+
+    ood = fit_into_best_checkpoint(trainer, model, best, "out-of-domain model", fit, store)
+    if ood is not None:
+        rank_zero_only(log.info)(
             "out-of-domain model (%s, %d training images) stored in %s: threshold "
             "%.4g flags %.1f%% of the %d validation images",
-            ", ".join(model.ood.models),
-            info["train_images"],
+            ", ".join(ood.models),
+            ood.info["train_images"],
             best,
-            model.ood.threshold,
-            100 * info["val_flagged"],
-            info["val_images"],
+            ood.threshold,
+            100 * ood.info["val_flagged"],
+            ood.info["val_images"],
         )
-    trainer.strategy.barrier()
 
 
 def _log_hparams(trainer: L.Trainer, cfg: DictConfig, metrics: dict[str, float]) -> None:

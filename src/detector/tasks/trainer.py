@@ -29,7 +29,7 @@ def build_trainer(cfg: DictConfig, output_dir: Path, **overrides) -> L.Trainer:
     if "callbacks" not in kwargs:
         kwargs["callbacks"] = [
             hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c
-        ] + training_callbacks()  # stop at a NaN loss; carry the RNG state across resumes
+        ] + training_callbacks(cfg.get("resume_command"))  # NaN loss stops; RNG state resumes
     # Checkpoints are written to a temporary file and renamed: never half a file on disk.
     kwargs.setdefault("plugins", [AtomicCheckpointIO()])
     if "logger" not in kwargs:
