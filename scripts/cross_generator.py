@@ -157,16 +157,17 @@ def train_row(row: Row, overrides: list[str], out: Path, command: str) -> str:
     if done.is_file():
         return json.loads(done.read_text())["best"]
     last = folder / "checkpoints" / "last.ckpt"
-    if folder.exists() and not last.is_file():  # stopped before its first epoch ended
+    resume = last.is_file()
+    if folder.exists() and not resume:  # stopped before its first epoch ended
         shutil.rmtree(folder)
     cfg = compose_config("train", [*row.overrides, "test=false", *overrides], folder)
     with open_dict(cfg):
         for key, value in row.settings.items():
             cfg.data[key] = value
         cfg.resume_command = command  # what SaveOnInterrupt prints: this script, not train.py
-        if last.is_file():
+        if resume:
             cfg.ckpt_path = str(last)
-    resumed = f" (resuming {last})" if last.is_file() else ""
+    resumed = f" (resuming {last})" if resume else ""
     print(f"cross: train {row.name} on {', '.join(row.seen)}{resumed}", flush=True)
     start = time.perf_counter()
     metrics = train(cfg)
